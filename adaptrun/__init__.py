@@ -11,7 +11,24 @@ import importlib
 __version__ = "0.1.0"
 
 # name -> module that defines it; filled as the worker library grows.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "init": "distributed",
+    "WorldInfo": "distributed",
+    "AdaptiveDataParallel": "parallel",
+    "AdaptiveDataLoader": "data",
+    "remaining_epochs": "epochs",
+    "register_state": "job",
+    "restored_step": "job",
+    "Directive": "directive",
+    "write_directive": "directive",
+    "read_directive": "directive",
+    "PLANNED_EXIT_CODE": "directive",
+    "add_report_sink": "reporting",
+    "AdaptrunError": "errors",
+    "NotInitializedError": "errors",
+    "BatchConfigError": "errors",
+    "SnapshotMismatchError": "errors",
+}
 
 
 def __getattr__(name: str):

@@ -16,12 +16,14 @@ resize of ``resize_cost_s`` seconds, so it is taken only when
     remaining_s * (1 - goodput_same / goodput_new) > payback * resize_cost_s
 
 and the predicted gain is at least ``resize_min_gain``: the time saved over the rest of the
-run pays for the resize ``payback`` times over. ``remaining_s`` is the progress still to do
-(``target_progress - progress`` from the report) at the best throughput any candidate
-reaches, as if every example were fully efficient: the noise scale grows as training goes
-on, so the run ahead is faster than the run so far, and a resize must pay for itself even
-under that optimistic rate. A job that does not know its length is assumed to run as long
-again as it has run so far.
+run pays for the resize ``payback`` times over. The saving is taken in the worse of two
+futures, since the policy cannot see which one comes: the noise scale stays where it is
+(the goodputs predicted now), or it grows without bound (every example fully efficient, so
+the best *throughput* at each replica count decides). The noise scale grows as training
+goes on (McCandlish et al.), so the real run lies between the two; a move that wins only
+while the noise scale is small (fewer replicas early on) is not worth a resize. The work
+left is ``(target_progress - progress) * B0`` from the report; a job that does not know its
+length is assumed to run as long again as it has run so far.
 
 Exploration. A job that has only run at one replica count cannot fit a sync model. The
 throughput fit then leans on its stated prior for the counts it has not seen (sync inside a
@@ -234,18 +236,28 @@ class Policy:
                       accum_steps)
         return b0 * gain(sqr, var, batch / b0) / t
 
-    def _remaining_s(self, r, a, k) -> float:
-        """A short estimate of the time left: the progress to do at the best *throughput*
-        any candidate reaches, as if every example were fully efficient. The noise scale
-        grows as training goes on, so the run ahead is faster than the run so far; a resize
-        has to pay for itself even under this optimistic rate."""
+    def _remaining_work(self, g_same: float) -> float:
+        """B0-examples still to train: (target - progress) * B0, or, for a job that does not
+        know its length, as much again as it has done (at its current goodput)."""
         rep = self.last_report
-        b0 = self.bounds.init_batch
-        t = step_time(self.params, self.bounds.nodes_for(r), r, a, k)
-        rate = float(np.max(r * a * (k + 1) / t)) / b0  # B0-steps per second, upper bound
         if math.isfinite(rep.target_progress) and rep.target_progress > 0:
-            return max(rep.target_progress - rep.progress, 0.0) / max(rate, 1e-12)
-        return rep.time_s
+            return max(rep.target_progress - rep.progress, 0.0) * self.bounds.init_batch
+        return g_same * rep.time_s
+
+    def _resize_saving_s(self, r, a, k, g_same, g_new, r_new, r_cur) -> float:
+        """Seconds a move to ``r_new`` replicas saves over the rest of the run, in the worse
+        of two futures: the noise scale stays where it is (goodputs as predicted now), or it
+        grows without bound (every example fully efficient: goodput = throughput). Training
+        lives between the two, since the noise scale grows as the loss falls."""
+        work = self._remaining_work(g_same)
+        now = work * (1.0 / max(g_same, 1e-12) - 1.0 / max(g_new, 1e-12))
+        thr = r * a * (k + 1) / step_time(self.params, self.bounds.nodes_for(r), r, a, k)
+        thr_same = float(np.max(thr[r == r_cur])) if np.any(r == r_cur) else 0.0
+        thr_new = float(np.max(thr[r == r_new]))
+        if thr_same <= 0:
+            return now
+        later = work * (1.0 / thr_same - 1.0 / thr_new)
+        return min(now, later)
 
     def decide(self) -> Decision:
         """The configuration to run next, with the predicted goodputs and the reason."""
@@ -278,11 +290,12 @@ class Policy:
 
         if best_cfg.replicas != current.replicas:
             gain_frac = float(g[best]) / max(g_same, 1e-12) - 1.0
-            saved_s = self._remaining_s(r, a, k) * (1.0 - g_same / float(g[best]))
+            saved_s = self._resize_saving_s(r, a, k, g_same, float(g[best]), best_cfg.replicas,
+                                            current.replicas)
             if gain_frac >= self.resize_min_gain and saved_s > self.payback * self.resize_cost_s:
                 return Decision(best_cfg, current, g_cur, float(g[best]),
                                 f"resize to {best_cfg.describe()}: goodput +{gain_frac:.0%}, "
-                                f"saves ~{saved_s:.0f} s for a {self.resize_cost_s:.0f} s resize")
+                                f"saves >= {saved_s:.0f} s for a {self.resize_cost_s:.0f} s resize")
 
         if not self.bounds.admits(current):
             return Decision(same_cfg, current, g_cur, g_same,

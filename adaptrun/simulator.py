@@ -219,3 +219,64 @@ def _merge(timeline: list[Segment]) -> list[Segment]:
         else:
             out.append(s)
     return out
+
+
+def resolve_trace_dir(trace_dir: str):
+    """A trace folder, or the name of a bundled workload (cifar10, imagenet, ncf)."""
+    from pathlib import Path
+
+    from .traces import bundled_trace_dir
+
+    p = Path(trace_dir)
+    if not p.exists() and (bundled_trace_dir() / trace_dir).is_dir():
+        return bundled_trace_dir(trace_dir)
+    return p
+
+
+def run_simulation(trace_dir: str, gpus: int, gpus_per_node: int = 4,
+                   resize_cost_s: float = 30.0, policy: str = "adaptive",
+                   replicas: int | None = None, batch: float | None = None,
+                   epochs: int | None = None) -> dict:
+    """What ``adaptrun simulate`` prints: the chosen policy's run beside fixed-init and the
+    best fixed configuration, as one JSON-ready dict. Raises TraceError/ValueError with one
+    actionable line on bad input."""
+    from .traces import DEFAULT_EPOCHS, load_workload
+
+    if gpus is None or gpus < 1:
+        raise TraceError(f"--gpus must be at least 1, got {gpus}; pass the GPUs the job may use")
+    if gpus_per_node < 1 or gpus_per_node > 9:
+        raise TraceError(f"--gpus-per-node must be in 1..9, got {gpus_per_node}")
+    if resize_cost_s < 0:
+        raise TraceError(f"--resize-cost-s must be >= 0, got {resize_cost_s}")
+    w = load_workload(resolve_trace_dir(trace_dir))
+    if epochs is None:
+        epochs = DEFAULT_EPOCHS.get(w.name, w.epochs_available)
+    target = w.target_progress(epochs)
+    del target
+    if policy == "fixed":
+        if replicas is None or batch is None:
+            raise TraceError("--policy fixed needs --replicas R and --batch B")
+        if not 1 <= replicas <= gpus:
+            raise TraceError(f"--replicas {replicas} must be in 1..{gpus} (--gpus)")
+        result = simulate_fixed(w, replicas, batch, epochs, gpus_per_node)
+    elif policy == "fixed-init":
+        r, b = fixed_init(w, gpus)
+        result = simulate_fixed(w, r, b, epochs, gpus_per_node)
+    elif policy == "adaptive":
+        result = simulate_adaptive(w, gpus, epochs, gpus_per_node, resize_cost_s)
+    else:
+        raise TraceError(f"unknown --policy {policy!r}; pass adaptive, fixed-init or fixed")
+    r, b = fixed_init(w, gpus)
+    best_t, best_r, best_b = best_fixed(w, gpus, epochs, gpus_per_node)
+    return {
+        "workload": w.name,
+        "policy": policy,
+        "gpus": gpus,
+        "epochs": epochs,
+        "time_s": result.time_s,
+        "resizes": result.resizes,
+        "fixed_init_s": fixed_time(w, r, b, epochs, gpus_per_node),
+        "best_fixed_s": best_t,
+        "best_fixed": {"replicas": best_r, "batch": best_b},
+        "timeline": result.timeline_dicts(),
+    }

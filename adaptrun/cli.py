@@ -1,0 +1,261 @@
+"""The ``adaptrun`` command line (click): one group, one sub-command per role.
+
+Sub-commands import their modules lazily so ``adaptrun --help`` and ``adaptrun simulate``
+start without importing torch or grpc.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+class UsageProblem(click.ClickException):
+    """Bad input a user can fix: printed as one line, exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="adaptrun")
+def cli() -> None:
+    """adaptrun: elastic, adaptive-batch training for PyTorch."""
+
+
+# --- simulate -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("trace_dir")
+@click.option("--gpus", type=int, required=True, help="GPUs the job may use (G).")
+@click.option("--gpus-per-node", type=int, default=4, show_default=True)
+@click.option("--resize-cost-s", type=float, default=30.0, show_default=True,
+              help="Wall time a change of replica count costs.")
+@click.option("--policy", "policy_name", type=click.Choice(["adaptive", "fixed-init", "fixed"]),
+              default="adaptive", show_default=True)
+@click.option("--replicas", type=int, help="Replicas for --policy fixed.")
+@click.option("--batch", type=float, help="Global batch for --policy fixed.")
+@click.option("--epochs", type=int, help="Train this many epochs instead of the workload's own.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a timeline PNG here.")
+def simulate(trace_dir, gpus, gpus_per_node, resize_cost_s, policy_name, replicas, batch,
+             epochs, as_json, plot):
+    """Play a measured workload (a Pollux trace folder, or cifar10/imagenet/ncf) to its
+    target under a policy, beside fixed-init and the best fixed configuration."""
+    import json
+
+    from .simulator import run_simulation
+    from .traces import TraceError
+
+    try:
+        summary = run_simulation(trace_dir, gpus=gpus, gpus_per_node=gpus_per_node,
+                                 resize_cost_s=resize_cost_s, policy=policy_name,
+                                 replicas=replicas, batch=batch, epochs=epochs)
+    except (TraceError, ValueError) as exc:
+        raise UsageProblem(str(exc)) from None
+    if plot:
+        from .plotting import plot_simulation
+        plot_simulation(summary, plot)
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    _print_simulation(summary, plot)
+
+
+def _print_simulation(summary: dict, plot: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"{summary['workload']}: {summary['policy']} on {summary['gpus']} GPUs "
+                    f"({summary['epochs']} epochs)")
+    for col in ("", "time to target", "vs best fixed"):
+        t.add_column(col, justify="right")
+    best = summary["best_fixed_s"]
+    t.add_row(summary["policy"], _hms(summary["time_s"]), f"{summary['time_s'] / best:.3f}x")
+    t.add_row("fixed-init", _hms(summary["fixed_init_s"]), f"{summary['fixed_init_s'] / best:.3f}x")
+    bf = summary["best_fixed"]
+    t.add_row(f"best fixed ({bf['replicas']} x batch {bf['batch']:.0f})", _hms(best), "1.000x")
+    console.print(t)
+    console.print(f"resizes: {summary['resizes']}")
+    tl = Table(title="configuration timeline")
+    for col in ("start", "replicas", "batch", "local x accum", "efficiency", "why"):
+        tl.add_column(col)
+    rows = summary["timeline"]
+    shown = rows if len(rows) <= 40 else rows[:20] + rows[-20:]
+    for seg in shown:
+        if seg["replicas"] == 0:
+            tl.add_row(_hms(seg["start_s"]), "-", "-", "-", "-", "resizing")
+            continue
+        tl.add_row(_hms(seg["start_s"]), str(seg["replicas"]), f"{seg['global_batch']:.0f}",
+                   f"{seg['local_batch']:.0f} x {seg['accum_steps'] + 1}",
+                   f"{seg['efficiency']:.2f}", seg["reason"])
+    console.print(tl)
+    if plot:
+        console.print(f"timeline plot: {plot}")
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+# --- controller / status (control plane) ----------------------------------------------
+
+
+def _controller_target(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageProblem(f"--controller must be HOST:PORT, got {value!r}")
+    return value
+
+
+def _rpc_problem(exc, target: str) -> UsageProblem:
+    import grpc
+
+    code = exc.code() if hasattr(exc, "code") else None
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return UsageProblem(f"cannot reach the controller at {target} ({code.name}); is "
+                            f"`adaptrun controller` running there?")
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return UsageProblem(f"the controller at {target} said {code.name if code else '?'}: {details}")
+
+
+def _controller_stub(target: str):
+    import grpc
+
+    from adaptrun import control_plane_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(target)
+    return channel, pb_grpc.ControllerStub(channel)
+
+
+@cli.command("controller")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port (0: any free port, printed).")
+@click.option("--metrics-port", default=9464, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the Prometheus /metrics endpoint (0: any free port).")
+@click.option("--actuator", default="local", show_default=True,
+              help="What adds or removes workers (local; kubernetes and ray later).")
+@click.option("--policy-interval-s", default=5.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="How often each job's policy runs.")
+@click.option("--max-threads", default=1024, show_default=True, type=click.IntRange(min=4),
+              help="gRPC handler threads; each agent holds two while connected.")
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def controller_command(host, port, metrics_port, actuator, policy_interval_s, max_threads,
+                       verbose):
+    """Run the controller: job registry, policy, directives, /metrics."""
+    import os
+    # gRPC's C core logs a bind failure on stderr itself; we say it in one line instead.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    import logging
+    import signal
+    import threading
+
+    from adaptrun.controller.actuator import UnknownActuatorError
+    from adaptrun.controller.core import ControllerConfig
+    from adaptrun.controller.server import Controller, ControllerError
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ControllerConfig(host=host, port=port, metrics_port=metrics_port,
+                              actuator=actuator, policy_interval_s=policy_interval_s,
+                              max_threads=max_threads)
+    try:
+        ctl = Controller(config).start()
+    except (ControllerError, UnknownActuatorError) as exc:
+        raise UsageProblem(str(exc)) from None
+    click.echo(f"adaptrun controller on {ctl.address}, metrics on "
+               f"http://{host}:{ctl.metrics_port}/metrics", err=False)
+    sys.stdout.flush()
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):
+        pass
+    ctl.stop()
+
+
+@cli.command("status")
+@click.option("--controller", "target", required=True, help="The controller, HOST:PORT.")
+@click.option("--job", "job_id", default="", help="Only this job.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per job).")
+@click.option("--timeout-s", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
+def status_command(target, job_id, as_json, timeout_s):
+    """Show the jobs a running controller knows."""
+    import json
+
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from adaptrun import control_plane_pb2 as pb
+
+    _controller_target(target)
+    channel, stub = _controller_stub(target)
+    try:
+        resp = stub.ListJobs(pb.ListJobsRequest(job_id=job_id), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        raise _rpc_problem(exc, target) from None
+    finally:
+        channel.close()
+    if as_json:
+        click.echo(json.dumps({"jobs": [MessageToDict(j, preserving_proto_field_name=True,
+                                                      always_print_fields_with_no_presence=True)
+                                        for j in resp.jobs]}, indent=2))
+        return
+    if not resp.jobs:
+        click.echo("no jobs")
+        return
+    header = (f"{'JOB':<20} {'WORKERS':>9} {'BOUNDS':>8} {'GLOBAL':>7} {'LOCAL':>6} "
+              f"{'ACCUM':>5} {'GOODPUT':>9} {'EFF':>5} {'NOISE':>8} {'STEP':>8} {'GEN':>4}")
+    click.echo(header)
+    for j in resp.jobs:
+        bounds = f"{j.bounds.min_workers}-{j.bounds.max_workers}"
+        workers = f"{j.world_size}" + (f"->{j.desired_workers}"
+                                        if j.desired_workers and j.desired_workers != j.world_size
+                                        else "")
+        click.echo(f"{j.job_id:<20} {workers:>9} {bounds:>8} {j.global_batch:>7} "
+                   f"{j.local_batch:>6} {j.accum_steps:>5} {j.goodput:>9.1f} "
+                   f"{j.statistical_efficiency:>5.2f} {j.noise_scale:>8.0f} {j.step:>8} "
+                   f"{j.directive.generation:>4}")
+        if j.last_decision:
+            click.echo(f"  last decision: {j.last_decision}")
+
+
+@cli.command("scale")
+@click.argument("job_id")
+@click.option("--min-workers", type=click.IntRange(min=1), required=True)
+@click.option("--max-workers", type=click.IntRange(min=1), required=True)
+@click.option("--controller", "target", required=True, help="The controller, HOST:PORT.")
+@click.option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0.1))
+def scale_command(job_id, min_workers, max_workers, target, timeout_s):
+    """Change a job's worker bounds at run time; the controller acts on them."""
+    import grpc
+
+    from adaptrun import control_plane_pb2 as pb
+
+    _controller_target(target)
+    if min_workers > max_workers:
+        raise UsageProblem(f"--min-workers {min_workers} exceeds --max-workers {max_workers}")
+    channel, stub = _controller_stub(target)
+    try:
+        s = stub.SetBounds(pb.SetBoundsRequest(job_id=job_id, min_workers=min_workers,
+                                               max_workers=max_workers), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        raise _rpc_problem(exc, target) from None
+    finally:
+        channel.close()
+    click.echo(f"job {s.job_id}: workers [{s.bounds.min_workers}, {s.bounds.max_workers}], "
+               f"now {s.world_size}, desired {s.desired_workers or '-'}; "
+               f"{s.last_decision or 'no decision yet'}")
+
+
+
+def main() -> None:
+    cli(prog_name="adaptrun")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""AdaptiveDataLoader: micro-batches of this rank's slice of each step, elastic and exactly-once.
+
+Iterating the loader yields this rank's micro-batches of each optimizer step (see ``sampler``
+for which indices) and arranges DDP's ``no_sync`` around all but the last micro-batch of a
+step, so a loop ``for x, y in loader: optimizer.zero_grad(); loss.backward(); optimizer.step()``
+stays the same when accumulation turns on: ``AdaptiveDataParallel`` makes ``optimizer.step()``
+a no-op on all but the last micro-batch and ``zero_grad()`` a no-op on all but the first
+(``loader.is_step_end`` tells a script which micro-batch ends the step). Before each step it
+runs the job's step boundary (commit, directive, snapshot, planned exit: ``job``).
+
+``batch_size`` is the initial global batch B0 (the batch the LR was tuned at).
+``current_batch_size`` is the global batch now, ``current_local_batch_size`` the examples per
+rank per micro-batch, ``accumulation_steps`` the extra micro-batches per step.
+``current_indices`` holds the dataset indices of the micro-batch just yielded (empty for a
+padding micro-batch whose gradient counts zero).
+
+Items are read in the worker process (``dataset[i]`` or ``dataset.__getitems__``) and joined
+with ``collate_fn`` (torch's default collate when None).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import default_collate
+
+from . import distributed, job
+from .errors import BatchConfigError
+from .sampler import SamplerState, StepPlan, permutation, plan_step, rank_slice
+
+__all__ = ["AdaptiveDataLoader"]
+
+
+class AdaptiveDataLoader:
+    def __init__(self, dataset, batch_size: int, shuffle: bool = True, *, seed: int = 0,
+                 drop_last: bool = False, collate_fn=None):
+        world = distributed.world("AdaptiveDataLoader")
+        self._job = job.current("AdaptiveDataLoader")
+        self._world = world
+        self.dataset = dataset
+        self.collate_fn = collate_fn or default_collate
+        n = len(dataset)
+        if batch_size < world.world_size:
+            raise BatchConfigError(
+                f"batch_size={batch_size} is below the world size {world.world_size}: every "
+                f"rank needs at least one example per step; use batch_size >= {world.world_size}")
+        if n < 1:
+            raise BatchConfigError("the dataset is empty; give AdaptiveDataLoader some data")
+        self.state = SamplerState(seed=seed, shuffle=shuffle, drop_last=drop_last,
+                                  global_batch=int(batch_size), init_batch=int(batch_size))
+        self.max_batch_size = int(batch_size)
+        self.local_batch_bounds: tuple[int, int] | None = None
+        self.accumulation = False
+        self.current_indices = torch.empty(0, dtype=torch.long)
+        self.is_step_end = True
+        self.micro_index = 0
+        self._in_flight: StepPlan | None = None
+        self._job.registry.register("adaptrun.sampler", self.state)
+        self._job.loader = self
+
+    # ---- configuration -------------------------------------------------------------
+    def autoscale_batch_size(self, max_batch_size: int, local_batch_bounds=None,
+                             accumulation: bool = False) -> None:
+        """Allow the global batch to grow up to ``max_batch_size`` (set by directives)."""
+        w = self._world.world_size
+        n = len(self.dataset)
+        if max_batch_size < self.state.init_batch:
+            raise BatchConfigError(
+                f"max_batch_size={max_batch_size} is below batch_size={self.state.init_batch}; "
+                "give a max_batch_size >= batch_size")
+        if local_batch_bounds is not None:
+            lo, hi = (int(x) for x in local_batch_bounds)
+            if not 1 <= lo <= hi:
+                raise BatchConfigError(
+                    f"local_batch_bounds={local_batch_bounds} must satisfy 1 <= low <= high")
+            if lo * w > n:
+                raise BatchConfigError(
+                    f"local_batch_bounds low={lo} needs {lo * w} examples per step on {w} "
+                    f"ranks but the dataset has {n}; lower the bound or use more data")
+            self.local_batch_bounds = (lo, hi)
+        self.max_batch_size = int(max_batch_size)
+        self.accumulation = bool(accumulation)
+
+    def _apply_batch(self, global_batch: int, accum_steps: int) -> None:
+        """A directive's batch, applied at a step boundary (same on every rank)."""
+        w = self._world.world_size
+        global_batch = max(int(global_batch), w)
+        accum_steps = max(int(accum_steps), 0)
+        if not self.accumulation and accum_steps and self.local_batch_bounds is not None:
+            accum_steps = 0
+        self.state.global_batch = global_batch
+        self.state.accum_steps = accum_steps
+
+    @property
+    def current_batch_size(self) -> int:
+        return self.state.global_batch
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.state.accum_steps
+
+    @property
+    def current_local_batch_size(self) -> int:
+        return math.ceil(self.state.global_batch /
+                         (self._world.world_size * (self.state.accum_steps + 1)))
+
+    # ---- commit --------------------------------------------------------------------
+    def _commit_in_flight(self, stepped: bool = False) -> None:
+        plan = self._in_flight
+        if plan is None:
+            return
+        self._in_flight = None
+        self.state.cursor = plan.start + plan.size
+        if not stepped:                  # a step the user did not give to the optimizer
+            self._job.state.step += 1
+
+    # ---- iteration -----------------------------------------------------------------
+    def _fetch(self, idx: torch.Tensor):
+        items = [int(i) for i in idx]
+        getitems = getattr(self.dataset, "__getitems__", None)
+        samples = getitems(items) if getitems is not None else [self.dataset[i] for i in items]
+        return self.collate_fn(samples)
+
+    def __len__(self) -> int:
+        """Steps left in this epoch at the current configuration (an estimate)."""
+        left = len(self.dataset) - self.state.cursor
+        return max(0, math.ceil(left / self.state.global_batch))
+
+    def __iter__(self):
+        j, w, st = self._job, self._world, self.state
+        if st.epoch != j.state.epoch:
+            st.epoch, st.cursor = j.state.epoch, 0
+        order = permutation(len(self.dataset), st.seed, st.epoch, st.shuffle)
+        while True:
+            j.step_boundary()
+            plan = plan_step(len(self.dataset), st.cursor, st.global_batch, w.world_size,
+                             st.accum_steps, st.drop_last)
+            if plan is None:
+                if st.cursor < len(self.dataset) and st.drop_last:
+                    st.cursor = len(self.dataset)      # the dropped remainder
+                return
+            mine = rank_slice(plan, w.rank)
+            self._in_flight = plan
+            adp = j.parallel
+            if adp is not None:
+                adp._begin_step(plan, mine)
+            last = len(mine.micro) - 1
+            for k, (b, e) in enumerate(mine.micro):
+                idx = order[b:e]
+                batch = self._fetch(idx)
+                self.current_indices = idx if mine.count else idx[:0]
+                self.is_step_end = k == last
+                self.micro_index = k
+                if adp is not None and k > 0:
+                    adp._next_micro()
+                if adp is not None and k < last:
+                    with adp.no_sync():
+                        yield batch
+                else:
+                    yield batch

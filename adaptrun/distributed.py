@@ -1,0 +1,176 @@
+"""``init()``: the process group of one worker, from the launcher's environment.
+
+Semantics
+- Under a launcher (torchrun or adaptrun's agent: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+  ``MASTER_PORT`` set) ``init()`` joins the job's c10d store and builds a process group over it:
+  gloo on CPU, nccl when CUDA is available (``backend=`` overrides). With no launcher it builds a
+  world of one over an in-process store, so the same script runs alone.
+- Stale keys can never be read. torch 2.13's agent lets the workers of every rendezvous round
+  share one TCPStore (``TORCHELASTIC_USE_AGENT_STORE=True``) and does not separate their keys, so a
+  restarted worker reads the dead world's gloo addresses and hangs. Neither
+  ``TORCHELASTIC_RESTART_COUNT`` (it differs between agents after a failure and does not move on a
+  scale-up) nor the rendezvous round (not visible to workers) identifies a world reliably, so
+  the ranks agree on a fresh namespace in the store by a handshake: rank 0 publishes a random
+  nonce at ``adaptrun/pg/leader``; every other rank answers under that nonce with its own nonce
+  and waits for a welcome that only a live rank 0 can write (a stale leader never answers, so a
+  rank that read one simply reads the key again). The process group then lives under
+  ``PrefixStore("adaptrun/pg/<nonce>/r<restart_count>/", store)``. Works unchanged when workers
+  get a store of their own per round (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``).
+- ``job_store()`` returns the unprefixed store, where directives live (see ``directive``).
+- Environment: ``ADAPTRUN_TIMEOUT_S`` (default 300) bounds every store wait and collective.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import NotInitializedError
+
+__all__ = ["WorldInfo", "init", "is_initialized", "world", "job_store", "shutdown"]
+
+LEADER_KEY = "adaptrun/pg/leader"
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    """Who this worker is in the current world."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    nodes: int
+    restart_count: int
+    run_id: str
+    backend: str
+    launched: bool          # False: alone, no launcher
+    pg_prefix: str          # the store namespace of this world's process group
+    timeout_s: float
+
+
+_world: WorldInfo | None = None
+_store = None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def timeout_s() -> float:
+    return float(os.environ.get("ADAPTRUN_TIMEOUT_S", "300"))
+
+
+def _connect_store(rank: int, world_size: int, timeout: timedelta):
+    host = os.environ["MASTER_ADDR"]
+    port = int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    return dist.TCPStore(host, port, world_size, rank == 0, timeout, multi_tenant=True)
+
+
+def _agree_namespace(store, rank: int, world_size: int, timeout: float) -> str:
+    """The handshake of the module docstring; returns this world's fresh namespace."""
+    if world_size == 1:
+        return f"adaptrun/pg/{uuid.uuid4().hex}"
+    deadline = time.monotonic() + timeout
+    if rank == 0:
+        nonce = uuid.uuid4().hex
+        store.set(LEADER_KEY, nonce)
+        base = f"adaptrun/pg/{nonce}"
+        pending = set(range(1, world_size))
+        while pending:
+            for r in sorted(pending):
+                key = f"{base}/hello/{r}"
+                if store.check([key]):
+                    store.set(f"{base}/welcome/{r}/{store.get(key).decode()}", b"1")
+                    pending.discard(r)
+            if pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"adaptrun.init: ranks {sorted(pending)} did not join "
+                                       f"within {timeout:.0f}s; check that every node started")
+                time.sleep(0.01)
+        return base
+    mine = uuid.uuid4().hex
+    store.wait([LEADER_KEY], timedelta(seconds=timeout))
+    leader = None
+    while True:
+        current = store.get(LEADER_KEY).decode()
+        if current != leader:
+            leader = current
+            store.set(f"adaptrun/pg/{leader}/hello/{rank}", mine)
+        if store.check([f"adaptrun/pg/{leader}/welcome/{rank}/{mine}"]):
+            return f"adaptrun/pg/{leader}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"adaptrun.init: rank 0 did not answer within {timeout:.0f}s; "
+                               "check that the node running rank 0 is up")
+        time.sleep(0.01)
+
+
+def init(backend: str | None = None, timeout_s_: float | None = None) -> WorldInfo:
+    """Build this worker's process group (idempotent); return who it is."""
+    global _world, _store
+    if _world is not None:
+        return _world
+    timeout = float(timeout_s_ if timeout_s_ is not None else timeout_s())
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    restart_count = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if launched:
+        rank = _env_int("RANK", 0)
+        world_size = _env_int("WORLD_SIZE", 1)
+        local_rank = _env_int("LOCAL_RANK", 0)
+        local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
+        nodes = _env_int("GROUP_WORLD_SIZE", max(1, world_size // max(local_world_size, 1)))
+        store = _connect_store(rank, world_size, timedelta(seconds=timeout))
+    else:
+        rank, world_size, local_rank, local_world_size, nodes = 0, 1, 0, 1, 1
+        store = dist.HashStore()
+    prefix = f"{_agree_namespace(store, rank, world_size, timeout)}/r{restart_count}/"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout))
+    _store = store
+    _world = WorldInfo(rank=rank, world_size=world_size, local_rank=local_rank,
+                       local_world_size=local_world_size, nodes=max(1, min(nodes, world_size)),
+                       restart_count=restart_count,
+                       run_id=os.environ.get("TORCHELASTIC_RUN_ID", "local"), backend=backend,
+                       launched=launched, pg_prefix=prefix, timeout_s=timeout)
+    from . import job  # the job context restores state as soon as the group exists
+    job.on_world_formed(_world)
+    return _world
+
+
+def is_initialized() -> bool:
+    return _world is not None
+
+
+def world(what: str = "this") -> WorldInfo:
+    """The current WorldInfo; raises NotInitializedError naming ``what`` needed it."""
+    if _world is None:
+        raise NotInitializedError(
+            f"{what} needs the process group: call adaptrun.init() first, at the top of the script")
+    return _world
+
+
+def job_store():
+    """The job's unprefixed c10d store (directives live here); None before init()."""
+    return _store
+
+
+def shutdown() -> None:
+    """Destroy the process group (a re-form builds a new one with init())."""
+    global _world, _store
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _world = None
+    _store = None

@@ -1,0 +1,34 @@
+"""Errors a user of the worker library can cause, each with one line saying what to do.
+
+All derive from ``AdaptrunError`` so a script can catch the family; the subclasses name the
+kind of mistake (like torch elastic's ``RendezvousError`` family).
+"""
+from __future__ import annotations
+
+__all__ = [
+    "AdaptrunError",
+    "NotInitializedError",
+    "BatchConfigError",
+    "SnapshotMismatchError",
+    "StateRegistryError",
+]
+
+
+class AdaptrunError(RuntimeError):
+    """Base class of the errors adaptrun raises for a misuse or a bad configuration."""
+
+
+class NotInitializedError(AdaptrunError):
+    """The worker API was used before ``adaptrun.init()``."""
+
+
+class BatchConfigError(AdaptrunError, ValueError):
+    """A batch size or bound that the world size or the dataset cannot satisfy."""
+
+
+class SnapshotMismatchError(AdaptrunError):
+    """A snapshot found on restore belongs to another model (names or shapes differ)."""
+
+
+class StateRegistryError(AdaptrunError, ValueError):
+    """A state registered twice under one name, or an object without state_dict."""

@@ -1,0 +1,169 @@
+"""The running job as one worker sees it, and what happens at a step boundary.
+
+One ``Job`` per process, created by ``init()``. It owns the state registry, restores the
+newest snapshot as soon as the process group exists (``state.exchange_newest``), and runs the
+*step boundary*: the point just before a step's first micro-batch is read (and at the end of
+an epoch), where the user's scheduler and bookkeeping for the previous step are done. There,
+in this order, on every rank at the same step:
+
+1. the previous step is committed (the sampler cursor moves past its examples);
+2. a directive learned during the previous step is applied (``directive``);
+3. a snapshot is written every ``ADAPTRUN_SNAPSHOT_EVERY`` steps (default 50) to node-local
+   storage by each node's local rank 0 (and to ``ADAPTRUN_CHECKPOINT_DIR`` by rank 0);
+4. if a stop was agreed (a planned re-form reached its step, or the launcher sent SIGTERM to
+   any rank), every rank snapshots and exits with ``PLANNED_EXIT_CODE``.
+
+Snapshots are on by default under a launcher; alone they are on only when
+``ADAPTRUN_SNAPSHOT_DIR`` or ``ADAPTRUN_CHECKPOINT_DIR`` is set (so a second ``python train.py``
+starts afresh). A SIGTERM that no step boundary follows within ``ADAPTRUN_TERM_GRACE_S``
+(default 10 s) ends the process with 143.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from dataclasses import asdict, dataclass
+
+import torch.distributed as dist
+
+from . import checkpoint, directive
+from .distributed import WorldInfo
+from .errors import NotInitializedError
+from .state import RNGState, StateRegistry, encode, exchange_newest
+
+__all__ = ["Job", "JobState", "current", "register_state", "on_world_formed"]
+
+
+@dataclass
+class JobState:
+    epoch: int = 0
+    step: int = 0            # committed optimizer steps
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+class Job:
+    def __init__(self, world: WorldInfo):
+        self.world = world
+        self.registry = StateRegistry()
+        self.state = JobState()
+        self.parallel = None          # the AdaptiveDataParallel, once built
+        self.loader = None            # the AdaptiveDataLoader, once built
+        self.snapshot_every_steps = int(os.environ.get("ADAPTRUN_SNAPSHOT_EVERY", "50"))
+        self.local_dir = checkpoint.local_dir(world.run_id)
+        self.persistent_dir = checkpoint.persistent_dir()
+        self.snapshots_on = world.launched or bool(
+            os.environ.get("ADAPTRUN_SNAPSHOT_DIR") or self.persistent_dir)
+        self.last_snapshot_step = -1
+        self.restored_step: int | None = None
+        self.term_requested = False
+        self.stop_agreed = False
+
+    # ---- restore -------------------------------------------------------------------
+    def restore(self) -> None:
+        dirs = [self.local_dir, self.persistent_dir] if self.snapshots_on else []
+        found = exchange_newest(self.world.rank, self.world.world_size, dirs)
+        if found is not None:
+            self.registry.restored, self.registry.restored_from = found
+            self.restored_step = int(found[0]["step"])
+            self.last_snapshot_step = self.restored_step
+        self.registry.register("adaptrun.job", self.state)
+        self.registry.register("adaptrun.rng", RNGState())
+
+    # ---- step boundary -------------------------------------------------------------
+    def step_boundary(self) -> None:
+        if self.loader is not None:
+            self.loader._commit_in_flight()
+        if self.parallel is not None:
+            self.parallel._at_boundary()
+        step = self.state.step
+        due = (self.snapshot_every_steps > 0 and step % self.snapshot_every_steps == 0)
+        if self.snapshots_on and step != self.last_snapshot_step and (due or self.stop_agreed):
+            self.snapshot()
+        if self.stop_agreed:
+            self.planned_exit()
+
+    def snapshot(self) -> None:
+        data = encode(self.registry, self.state.step, self.state.epoch)
+        if self.world.local_rank == 0:
+            checkpoint.write(self.local_dir, self.state.step, data)
+        if self.world.rank == 0 and self.persistent_dir is not None:
+            checkpoint.write(self.persistent_dir, self.state.step, data)
+        self.last_snapshot_step = self.state.step
+
+    def planned_exit(self) -> None:
+        if self.world.world_size > 1:
+            dist.barrier()            # every node's snapshot is on disk before anyone leaves
+        from .distributed import job_store, shutdown
+        store = job_store()
+        if self.world.rank == 0 and store is not None:
+            try:
+                store.set(directive.STATUS_KEY, json.dumps(
+                    {"step": self.state.step, "epoch": self.state.epoch, "exited": True}))
+            except Exception:
+                pass
+        shutdown()
+        sys.stdout.flush()
+        raise SystemExit(directive.PLANNED_EXIT_CODE)
+
+    # ---- epochs --------------------------------------------------------------------
+    def end_epoch(self) -> None:
+        if self.loader is not None:
+            self.loader._commit_in_flight()
+        self.state.epoch += 1
+
+    def finish(self) -> None:
+        if self.world.rank == 0 and self.persistent_dir is not None:
+            checkpoint.write(self.persistent_dir, self.state.step,
+                             encode(self.registry, self.state.step, self.state.epoch))
+        if self.world.world_size > 1:
+            dist.barrier()
+        if self.world.local_rank == 0 and self.snapshots_on:
+            checkpoint.clear(self.local_dir)
+
+    # ---- SIGTERM -------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame) -> None:
+        self.term_requested = True
+        grace = float(os.environ.get("ADAPTRUN_TERM_GRACE_S", "10"))
+        timer = threading.Timer(grace, os._exit, args=(128 + signal.SIGTERM,))
+        timer.daemon = True
+        timer.start()
+        if self.parallel is None:       # not training yet: nothing to save
+            raise SystemExit(128 + signal.SIGTERM)
+
+
+_job: Job | None = None
+
+
+def on_world_formed(world: WorldInfo) -> Job:
+    """Called by ``init()``: create the job context and restore the newest snapshot."""
+    global _job
+    _job = Job(world)
+    _job.restore()
+    if threading.current_thread() is threading.main_thread() and world.launched:
+        signal.signal(signal.SIGTERM, _job._on_sigterm)
+    return _job
+
+
+def current(what: str = "this") -> Job:
+    if _job is None:
+        raise NotInitializedError(
+            f"{what} needs the process group: call adaptrun.init() first, at the top of the script")
+    return _job
+
+
+def register_state(name: str, obj) -> None:
+    """Save and restore ``obj`` (state_dict/load_state_dict) with the job, under ``name``."""
+    current("adaptrun.register_state").registry.register(name, obj)
+
+
+def restored_step() -> int | None:
+    """The step of the snapshot this process restored, or None when it started afresh."""
+    return current("adaptrun.restored_step").restored_step

@@ -1,0 +1,399 @@
+"""AdaptiveDataParallel: DDP that measures the gradient noise for free and rescales the LR.
+
+What it does each optimizer step (no extra backward, one tiny extra all-reduce):
+- A DDP communication hook sees each gradient bucket before and after the all-reduce. Before,
+  it takes the squared norm of this rank's local gradient (or, with accumulation, of the last
+  micro-batch's gradient; earlier micro-batches are measured between micro-batches from the
+  difference of the accumulated gradient) and scales the bucket by this rank's weight
+  n_rank / (micro_batches * step_size) (see ``sampler``), so the sum is the exact mean gradient
+  even for a ragged last step. After, it takes the squared norm of the averaged gradient.
+  Adam-family optimizers (state ``exp_avg_sq``) are measured on the preconditioned gradient
+  g / (sqrt(v / (1 - beta2^t)) + eps) (``gns.precondition``'s formula, in torch).
+- Just before ``optimizer.step()`` (an optimizer pre-hook) one all-reduce of a few floats sums
+  the local small-batch norms, the SIGTERM flags and rank 0's pending directive, so every rank
+  holds the same numbers. ``gns.unbiased_estimates`` turns them into |G|^2 and tr(Sigma), which
+  the ``gns.GNSState`` EMA smooths (regular steps only: equal micro-batches on every rank).
+- The scaling rule's factor for scale = global_batch / B0 and the gain r (``efficiency.gain``)
+  multiplies each param group's LR for the step only: the user's value is put back after the
+  step, so the user's scheduler keeps working on its own LR. ``progress`` adds r per step.
+- Rank 0 emits a ``report.Report`` every ``report_every_steps`` (``reporting``).
+
+Read-only: ``noise_scale`` (examples), ``grad_sqr`` (|G|^2), ``grad_var`` (tr(Sigma)/B0),
+``gain``, ``progress`` (B0-equivalent steps), ``accum_steps``, ``lr_factor``, ``step``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import directive as directive_mod
+from . import distributed, efficiency, job, reporting
+from .gns import GNSState, unbiased_estimates
+from .report import Report
+from .scaling import AdaScale, ScalingRule
+
+__all__ = ["AdaptiveDataParallel"]
+
+_DIRECTIVE_POLL_S = 0.1
+
+
+class AdaptiveDataParallel(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_scheduler=None, scaling_rule: ScalingRule | None = None, *,
+                 gns_decay: float = 0.99, report_every_steps: int = 10, **ddp_kwargs):
+        world = distributed.world("AdaptiveDataParallel")
+        self._job = job.current("AdaptiveDataParallel")
+        super().__init__()
+        if world.backend == "nccl":
+            model = model.cuda(world.local_rank)
+            ddp_kwargs.setdefault("device_ids", [world.local_rank])
+        self.ddp = DistributedDataParallel(model, **ddp_kwargs)
+        self.ddp.register_comm_hook(None, self._comm_hook)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.scaling_rule = scaling_rule if scaling_rule is not None else AdaScale()
+        self.report_every_steps = int(report_every_steps)
+        self._world = world
+        self._gns = GNSState(decay=gns_decay)
+        self._progress = 0.0
+        self._generation = 0
+        self._gain = 1.0
+        self._lr_factor = 1.0
+        self._user_lrs: list[float] = []
+        self._offer = None            # rank 0: directive read from the store, not yet shared
+        self._pending = None          # every rank: directive to apply at the next boundary
+        self._reform_at: int | None = None
+        self._last_poll = 0.0
+        self._loss = math.nan
+        self.lr = math.nan
+        self._t_start = time.monotonic()
+        self._t_last_step = None
+        self._step_times: list[float] = []
+        self._sync_times: list[float] = []
+        self._reset_step_stats()
+        self._begin_step(None, None)
+        self._wrap_optimizer(optimizer)
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step())
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step())
+        reg = self._job.registry
+        reg.register("model", model)
+        reg.register("optimizer", optimizer)
+        if lr_scheduler is not None:
+            reg.register("lr_scheduler", lr_scheduler)
+        reg.register("adaptrun.parallel", self._State(self))
+        self._job.parallel = self
+
+    def _wrap_optimizer(self, optimizer) -> None:
+        """step() only on a step's last micro-batch, zero_grad() only on its first."""
+        step, zero_grad = optimizer.step, optimizer.zero_grad
+
+        def adaptive_step(*args, **kwargs):
+            loader = self._job.loader
+            if loader is not None and self._plan is not None and not loader.is_step_end:
+                return None
+            return step(*args, **kwargs)
+
+        def adaptive_zero_grad(*args, **kwargs):
+            loader = self._job.loader
+            if loader is not None and self._plan is not None and loader.micro_index > 0:
+                return None
+            return zero_grad(*args, **kwargs)
+
+        optimizer.step = adaptive_step
+        optimizer.zero_grad = adaptive_zero_grad
+
+    # ---- the wrapped module ----------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ddp.module
+
+    def forward(self, *args, **kwargs):
+        if self._plan is None and args and torch.is_tensor(args[0]):
+            self._input_batch = int(args[0].shape[0])
+        return self.ddp(*args, **kwargs)
+
+    def no_sync(self):
+        return self.ddp.no_sync()
+
+    def record_loss(self, loss) -> None:
+        """Optional: give the loss of the current step to the reports."""
+        self._loss = float(loss.detach() if torch.is_tensor(loss) else loss)
+
+    # ---- read-only statistics ------------------------------------------------------
+    @property
+    def init_batch(self) -> int:
+        loader = self._job.loader
+        return loader.state.init_batch if loader is not None else max(1, self._input_batch or 1)
+
+    @property
+    def global_batch(self) -> int:
+        loader = self._job.loader
+        if loader is not None:
+            return loader.current_batch_size
+        return (self._input_batch or 1) * self._world.world_size
+
+    @property
+    def scale(self) -> float:
+        return self.global_batch / self.init_batch
+
+    @property
+    def noise_scale(self) -> float:
+        return self._gns.noise_scale
+
+    @property
+    def grad_sqr(self) -> float:
+        return self._gns.grad_sqr
+
+    @property
+    def grad_var(self) -> float:
+        return self._gns.trace_sigma / self.init_batch
+
+    @property
+    def gain(self) -> float:
+        if self._gns.updates == 0:
+            return 1.0
+        return float(efficiency.gain(self.grad_sqr, self.grad_var, self.scale))
+
+    @property
+    def progress(self) -> float:
+        return self._progress
+
+    @property
+    def accum_steps(self) -> int:
+        loader = self._job.loader
+        return loader.accumulation_steps if loader is not None else 0
+
+    @property
+    def lr_factor(self) -> float:
+        return self._lr_factor
+
+    @property
+    def step(self) -> int:
+        return self._job.state.step
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    # ---- per step, driven by the loader ----------------------------------------------
+    def _reset_step_stats(self) -> None:
+        self._small_sum = 0.0
+        self._small_count = 0
+        self._big_sqr = 0.0
+        self._prev: dict[int, torch.Tensor] = {}
+        self._sync_start = None
+        self._sync_end = None
+        self._precond: dict[int, torch.Tensor] | None = None
+
+    def _begin_step(self, plan, rank_slice) -> None:
+        """The loader starts a step: how this rank's gradient is weighted and measured."""
+        self._reset_step_stats()
+        self._plan = plan
+        self._input_batch = None
+        if plan is None:
+            self._micro_batches = 1
+            self._weight = 1.0 / self._world.world_size
+            self._stats_on = self._world.world_size > 1
+        else:
+            self._micro_batches = len(rank_slice.micro)
+            self._weight = rank_slice.weight
+            self._stats_on = plan.regular and plan.size > plan.size // (
+                plan.world_size * plan.micro_batches)
+
+    def _preconditioner(self) -> dict[int, torch.Tensor]:
+        if self._precond is None:
+            self._precond = {}
+            for group in self.optimizer.param_groups:
+                beta2 = group.get("betas", (0.9, 0.999))[1]
+                eps = group.get("eps", 1e-8)
+                for p in group["params"]:
+                    st = self.optimizer.state.get(p, {})
+                    v = st.get("exp_avg_sq")
+                    if v is None:
+                        continue
+                    t = float(st.get("step", 1))
+                    bias2 = 1.0 - beta2 ** max(t, 1.0)
+                    self._precond[id(p)] = 1.0 / ((v / bias2).sqrt() + eps)
+        return self._precond
+
+    def _sqr(self, p, g) -> float:
+        w = self._preconditioner().get(id(p))
+        return float((g * w).pow(2).sum() if w is not None else g.pow(2).sum())
+
+    def _next_micro(self) -> None:
+        """Between micro-batches: measure the one just backpropagated (accumulated - prev)."""
+        if not self._stats_on:
+            return
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    prev = self._prev.get(id(p))
+                    d = p.grad if prev is None else p.grad - prev
+                    self._small_sum += self._sqr(p, d)
+                    self._prev[id(p)] = p.grad.detach().clone()
+        self._small_count += 1
+
+    def _comm_hook(self, _state, bucket):
+        buf = bucket.buffer()
+        if self._sync_start is None:
+            self._sync_start = time.perf_counter()
+        stats = self._stats_on
+        pairs = list(zip(bucket.parameters(), bucket.gradients())) if stats else []
+        if stats:
+            with torch.no_grad():
+                for p, g in pairs:
+                    prev = self._prev.get(id(p))
+                    self._small_sum += self._sqr(p, g if prev is None else g - prev)
+            if bucket.index() == 0:
+                self._small_count += 1
+        buf.mul_(self._weight)
+        fut = dist.all_reduce(buf, async_op=True).get_future()
+
+        def done(f):
+            reduced = f.value()[0]
+            if stats:
+                with torch.no_grad():
+                    for p, g in pairs:       # views into the reduced buffer
+                        self._big_sqr += self._sqr(p, g)
+            self._sync_end = time.perf_counter()
+            return reduced
+
+        return fut.then(done)
+
+    # ---- optimizer hooks -----------------------------------------------------------
+    def _poll_directive(self) -> None:
+        now = time.monotonic()
+        if self._world.rank != 0 or now - self._last_poll < _DIRECTIVE_POLL_S:
+            return
+        self._last_poll = now
+        try:
+            d = directive_mod.read_directive(distributed.job_store())
+        except Exception:
+            d = None
+        if d is not None and d.generation > self._generation:
+            self._offer = d
+
+    def _before_step(self) -> None:
+        self._poll_directive()
+        world = self._world
+        vec = torch.tensor([self._small_sum, float(self._small_count), self._big_sqr,
+                            1.0 if self._job.term_requested else 0.0]
+                           + directive_mod.to_vector(self._offer if world.rank == 0 else None),
+                           dtype=torch.float64)
+        if world.world_size > 1:
+            dist.all_reduce(vec)
+        small_sum, small_count, big_sqr, term = (float(x) for x in vec[:4])
+        big_sqr /= world.world_size
+        offered = directive_mod.from_vector(vec[4:])
+        if offered is not None and offered.generation > self._generation:
+            self._pending = offered
+        if term > 0:
+            self._job.stop_agreed = True
+        plan = self._plan
+        if self._stats_on and small_count > 0:
+            if plan is not None:
+                b_big = plan.size
+                b_small = plan.size / (plan.world_size * plan.micro_batches)
+            else:
+                b_small = float(self._input_batch or 1)
+                b_big = b_small * world.world_size
+            if b_big > b_small:
+                grad_sqr, trace = unbiased_estimates(small_sum / small_count, big_sqr,
+                                                     b_small, b_big)
+                self._gns = self._gns.update(float(grad_sqr), float(trace), self.scale)
+        self._gain = self.gain
+        self._lr_factor = float(self.scaling_rule.factor(self.scale, self._gain, self.step))
+        self._user_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * self._lr_factor
+        if self._sync_start is not None and self._sync_end is not None:
+            self._sync_times.append(max(0.0, self._sync_end - self._sync_start))
+
+    def _after_step(self) -> None:
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        for g, lr in zip(self.optimizer.param_groups, self._user_lrs):
+            g["lr"] = lr
+        self._progress += self._gain
+        self._job.state.step += 1
+        if self._job.loader is not None:
+            self._job.loader._commit_in_flight(stepped=True)
+        now = time.monotonic()
+        if self._t_last_step is not None:
+            self._step_times.append(now - self._t_last_step)
+        self._t_last_step = now
+        self._reset_step_stats()
+        if self._world.rank == 0 and self.report_every_steps > 0 \
+                and self.step % self.report_every_steps == 0:
+            self._report()
+
+    def _report(self) -> None:
+        step_time = (sum(self._step_times) / len(self._step_times)) if self._step_times else 1e-9
+        sync_time = (sum(self._sync_times) / len(self._sync_times)) if self._sync_times else 0.0
+        self._step_times.clear()
+        self._sync_times.clear()
+        known = self._gns.updates > 0 and math.isfinite(self.grad_sqr)
+        loader = self._job.loader
+        local_batch = loader.current_local_batch_size if loader is not None else (
+            self._input_batch or 1)
+        rep = Report(job_id=self._world.run_id, step=self.step, progress=self._progress,
+                     world_size=self._world.world_size, nodes=self._world.nodes,
+                     local_batch=max(1, local_batch), accum_steps=self.accum_steps,
+                     init_batch=self.init_batch, step_time_s=max(step_time, 1e-9),
+                     sync_time_s=min(sync_time, max(step_time, 1e-9)),
+                     grad_sqr=float(self.grad_sqr) if known else 0.0,
+                     grad_var=max(0.0, float(self.grad_var)) if known else 0.0,
+                     loss=self._loss, lr=float(self.lr), epoch=self._job.state.epoch,
+                     time_s=time.monotonic() - self._t_start)
+        reporting.emit(rep)
+        store = distributed.job_store()
+        if store is not None:
+            try:
+                store.set(directive_mod.STATUS_KEY, json.dumps(
+                    {"step": self.step, "epoch": self._job.state.epoch,
+                     "generation": self._generation, "world_size": self._world.world_size,
+                     "global_batch": self.global_batch}))
+            except Exception:
+                pass
+
+    # ---- step boundary (called by job) -------------------------------------------
+    def _at_boundary(self) -> None:
+        d = self._pending
+        if d is not None and d.generation > self._generation:
+            self._pending = None
+            self._generation = d.generation
+            if self._job.loader is not None:
+                self._job.loader._apply_batch(d.global_batch, d.accum_steps)
+            if d.reform_at_step is not None:
+                self._reform_at = d.reform_at_step
+            store = distributed.job_store()
+            if self._world.rank == 0 and store is not None:
+                store.set(directive_mod.APPLIED_KEY, json.dumps(
+                    {"generation": d.generation, "step": self.step}))
+        if self._reform_at is not None and self.step >= self._reform_at:
+            self._reform_at = None
+            self._job.stop_agreed = True
+
+    class _State:
+        """The wrapper's own state in snapshots."""
+
+        def __init__(self, outer: "AdaptiveDataParallel"):
+            self.outer = outer
+
+        def state_dict(self) -> dict:
+            o = self.outer
+            return {"progress": o._progress, "gns": o._gns.to_dict(),
+                    "scaling_rule": o.scaling_rule.state_dict(), "generation": o._generation}
+
+        def load_state_dict(self, state: dict) -> None:
+            o = self.outer
+            o._progress = float(state["progress"])
+            o._gns = GNSState.from_dict(state["gns"])
+            o.scaling_rule.load_state_dict(state["scaling_rule"])
+            o._generation = int(state["generation"])

@@ -1,0 +1,37 @@
+"""Timeline plots (matplotlib, Agg backend): what the job ran at, and how well, over time."""
+from __future__ import annotations
+
+__all__ = ["plot_simulation"]
+
+
+def plot_simulation(summary: dict, path: str) -> None:
+    """Batch, replicas, efficiency and goodput against simulated time, as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    segs = summary["timeline"]
+    xs, batch, replicas, eff, good = [], [], [], [], []
+    for s in segs:
+        for x in (s["start_s"], s["end_s"]):
+            xs.append(x / 60.0)
+            batch.append(s["global_batch"] or float("nan"))
+            replicas.append(s["replicas"])
+            eff.append(s["efficiency"] if s["replicas"] else float("nan"))
+            good.append(s["goodput"])
+    fig, axes = plt.subplots(4, 1, sharex=True, figsize=(9, 8))
+    series = [(batch, "global batch"), (replicas, "replicas"), (eff, "statistical efficiency"),
+              (good, "goodput (B0-examples/s)")]
+    for ax, (ys, label) in zip(axes, series):
+        ax.plot(xs, ys, drawstyle="steps-post")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log", base=2)
+    axes[-1].set_xlabel("simulated time (min)")
+    fig.suptitle(f"{summary['workload']}: {summary['policy']} on {summary['gpus']} GPUs, "
+                 f"{summary['time_s'] / 60:.1f} min (best fixed "
+                 f"{summary['best_fixed_s'] / 60:.1f} min), {summary['resizes']} resizes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""The node agent (installed as adaptrun.agents)."""

@@ -1,0 +1,234 @@
+"""The agent's side of the control plane: register, stream reports, receive directives.
+
+``ControllerClient(...).start()`` returns at once; a background thread keeps one *session*
+with the controller: ``Register`` (idempotent per job and node), then a report stream and a
+directive stream together. When either breaks (controller down, a rejected report, a
+restart), the session ends and a new one starts after an exponential backoff with jitter
+(``backoff_initial_s`` doubling up to ``backoff_max_s``), so the directive stream survives
+reconnects: the agent re-registers and re-watches with the last generation it applied, and a
+directive it already applied that arrives again is not passed on twice.
+
+Training never waits on the controller: ``report()`` puts the report in a bounded queue and
+returns; when the queue is full the oldest report is dropped. An unreachable controller is
+logged once (warning) per outage, then at debug level, and once more when it is back.
+``on_directive(directive)`` is called from the client's thread for each new generation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+
+from adaptrun import control_plane_pb2 as pb
+from adaptrun import control_plane_pb2_grpc as pb_grpc
+from adaptrun.report import Report
+
+__all__ = ["ControllerClient", "JobBoundsSpec", "report_to_proto"]
+
+log = logging.getLogger("adaptrun.agent")
+
+AGENT_ID_METADATA = "adaptrun-agent-id"
+
+
+@dataclass(frozen=True)
+class JobBoundsSpec:
+    """The bounds an agent registers its job with (the first agent's win)."""
+    min_workers: int
+    max_workers: int
+    init_batch: int
+    max_global_batch: int
+    local_batch_min: int
+    local_batch_max: int
+    max_accum_steps: int | None = None
+
+    def to_proto(self) -> pb.JobBounds:
+        b = pb.JobBounds(min_workers=self.min_workers, max_workers=self.max_workers,
+                         init_batch=self.init_batch, max_global_batch=self.max_global_batch,
+                         local_batch_min=self.local_batch_min,
+                         local_batch_max=self.local_batch_max)
+        if self.max_accum_steps is not None:
+            b.max_accum_steps = self.max_accum_steps
+        return b
+
+
+def report_to_proto(r: Report) -> pb.Report:
+    msg = pb.Report(job_id=r.job_id, step=r.step, progress=r.progress, world_size=r.world_size,
+                    nodes=r.nodes, local_batch=r.local_batch, accum_steps=r.accum_steps,
+                    init_batch=r.init_batch, step_time_s=r.step_time_s,
+                    sync_time_s=r.sync_time_s, grad_sqr=r.grad_sqr, grad_var=r.grad_var,
+                    epoch=r.epoch, time_s=r.time_s)
+    for name in ("loss", "lr", "target_progress"):  # NaN = unknown = unset
+        v = getattr(r, name)
+        if not math.isnan(v):
+            setattr(msg, name, v)
+    return msg
+
+
+class ControllerClient:
+    def __init__(self, target: str, job_id: str, node: str, slots: int, address: str,
+                 bounds: JobBoundsSpec, on_directive: Callable[[pb.Directive], None] | None = None,
+                 queue_size: int = 64, backoff_initial_s: float = 0.5,
+                 backoff_max_s: float = 30.0, rpc_timeout_s: float = 5.0):
+        self.target = target
+        self.job_id = job_id
+        self.node = node
+        self.slots = slots
+        self.address = address
+        self.bounds = bounds
+        self.on_directive = on_directive
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.rpc_timeout_s = rpc_timeout_s
+        self.last_generation = 0
+        self.directive: pb.Directive | None = None
+        self.agent_id: str | None = None
+        self.connected = threading.Event()
+        self.dropped_reports = 0
+        self.sent_reports = 0
+        self._queue: deque[Report] = deque()
+        self._queue_size = queue_size
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._calls: list = []
+        self._registered = False
+        self._channel: grpc.Channel | None = None
+        self._thread = threading.Thread(target=self._run, name="adaptrun-controller-client",
+                                        daemon=True)
+
+    # -- the caller's side: never blocks -------------------------------------------------
+    def start(self) -> "ControllerClient":
+        self._thread.start()
+        return self
+
+    def report(self, r: Report) -> None:
+        with self._cv:
+            if len(self._queue) >= self._queue_size:
+                self._queue.popleft()
+                self.dropped_reports += 1
+            self._queue.append(r)
+            self._cv.notify_all()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        self._cancel_calls()
+        self._thread.join(timeout_s)
+        if self._channel is not None:
+            self._channel.close()
+
+    # -- the session loop ----------------------------------------------------------------
+    def _cancel_calls(self) -> None:
+        for call in list(self._calls):
+            call.cancel()
+
+    def _run(self) -> None:
+        backoff = self.backoff_initial_s
+        outage = False
+        self._channel = grpc.insecure_channel(self.target)
+        stub = pb_grpc.ControllerStub(self._channel)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self._registered = False
+            try:
+                self._session(stub)
+                error = None
+            except grpc.RpcError as exc:
+                error = exc
+            self.connected.clear()
+            if self._registered:
+                outage = False
+            if self._stop.is_set():
+                break
+            if error is not None:
+                code = error.code() if hasattr(error, "code") else None
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    if not outage:
+                        log.warning("controller at %s unreachable (%s); training continues at "
+                                    "the last configuration, retrying with backoff",
+                                    self.target, code.name)
+                        outage = True
+                    else:
+                        log.debug("controller at %s still unreachable", self.target)
+                else:
+                    log.warning("controller at %s ended the session: %s: %s", self.target,
+                                code.name if code else "?",
+                                error.details() if hasattr(error, "details") else error)
+            if self._registered and time.monotonic() - started > 10 * self.backoff_initial_s:
+                backoff = self.backoff_initial_s  # the session had worked: start over
+            self._stop.wait(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, self.backoff_max_s)
+
+    def _session(self, stub) -> None:
+        resp = stub.Register(pb.RegisterRequest(
+            job_id=self.job_id, node=self.node, slots=self.slots, address=self.address,
+            bounds=self.bounds.to_proto(), last_generation=self.last_generation),
+            timeout=self.rpc_timeout_s)
+        log.info("registered with the controller at %s as %s", self.target, resp.agent_id)
+        self._registered = True
+        self.agent_id = resp.agent_id
+        self.connected.set()
+        if resp.directive.generation:
+            self._deliver(resp.directive)
+        watch = stub.WatchDirectives(pb.WatchDirectivesRequest(
+            job_id=self.job_id, agent_id=resp.agent_id, last_generation=self.last_generation))
+        reports = stub.StreamReports(self._report_stream(),
+                                     metadata=((AGENT_ID_METADATA, resp.agent_id),))
+        self._calls = [watch, reports]
+        failure: list[grpc.RpcError] = []
+
+        def watch_loop():
+            try:
+                for d in watch:
+                    self._deliver(d)
+            except grpc.RpcError as exc:
+                failure.append(exc)
+            finally:
+                reports.cancel()  # one broken stream ends the session
+        t = threading.Thread(target=watch_loop, name="adaptrun-directives", daemon=True)
+        t.start()
+        try:
+            for _ack in reports:
+                pass
+        except grpc.RpcError as exc:
+            # CANCELLED here is watch_loop ending the session: its own error says why.
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                failure.insert(0, exc)
+        finally:
+            watch.cancel()
+            t.join()
+            self._calls = []
+        if failure and not self._stop.is_set():
+            raise failure[0]
+
+    def _report_stream(self):
+        while not self._stop.is_set():
+            with self._cv:
+                while not self._queue and not self._stop.is_set():
+                    self._cv.wait(timeout=1.0)
+                if self._stop.is_set():
+                    return
+                r = self._queue.popleft()
+            self.sent_reports += 1
+            yield report_to_proto(r)
+
+    def _deliver(self, d: pb.Directive) -> None:
+        if d.generation <= self.last_generation:
+            return  # already applied (sent again after a reconnect)
+        self.last_generation = d.generation
+        self.directive = d
+        log.info("directive %d: world size %d, global batch %d (local %d, accum %d): %s",
+                 d.generation, d.world_size, d.global_batch, d.local_batch, d.accum_steps,
+                 d.reason)
+        if self.on_directive is not None:
+            try:
+                self.on_directive(d)
+            except Exception:  # noqa: BLE001 - the caller's bug must not kill the session
+                log.exception("on_directive failed for generation %d", d.generation)

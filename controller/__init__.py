@@ -1,0 +1,1 @@
+"""The gRPC controller (installed as adaptrun.controller)."""

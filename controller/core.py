@@ -1,0 +1,276 @@
+"""The controller's decisions over its state, independent of gRPC.
+
+``ControllerCore`` owns the job registry, the metrics and the actuator, and does four
+things: registers agents (creating a job and its ``Policy`` on first contact), ingests
+reports (validated whole, rate limited per job, queued for the policy: ingestion does no
+policy work), runs each job's policy on a cadence (``PolicyLoop``: every
+``policy_interval_s`` when new reports arrived, at once after ``adaptrun scale``) and applies
+a decision: a new directive with the next generation for the job's agents, and, when the
+worker count changes, ``actuator.set_workers``. Every decision that changes something is
+logged with its reason and predicted goodput gain.
+
+While a directive is being applied (the job's reports still show the old configuration) the
+policy observes but does not decide again, for at most ``settle_timeout_s``; otherwise it
+would issue the same move once per cadence. A failure in one job's policy is logged and
+leaves that job at its configuration; it never touches another job.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import grpc
+
+from adaptrun.policy import BoundsError, Config, Decision, Policy
+
+from .actuator import Actuator, ActuatorError
+from .metrics import Metrics, report_figures
+from .ratelimit import TokenBucket
+from .registry import Agent, Directive, Job, JobRegistry, RegistryFull
+from .validation import Malformed, Rejection, check_registration, report_from_proto
+
+__all__ = ["ControllerConfig", "ControllerCore", "PolicyLoop"]
+
+log = logging.getLogger("adaptrun.controller")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0                       # 0: any free port (the server reports it)
+    metrics_port: int | None = 0        # None: no /metrics server
+    max_threads: int = 64               # gRPC handler threads; each open stream holds one
+    policy_interval_s: float = 5.0      # cadence of each job's policy
+    tick_s: float = 0.25                # how often the policy loop looks for due jobs
+    report_interval_s: float = 2.0      # what agents are asked for
+    report_rate_per_s: float = 20.0     # per job, sustained; more is a flood
+    report_burst: int = 40
+    max_report_bytes: int = 16 * 1024   # a report is ~150 bytes
+    max_message_bytes: int = 1 << 20    # gRPC's own limit on any request
+    max_jobs: int = 1000
+    resize_cost_s: float = 30.0
+    settle_timeout_s: float = 60.0
+    actuator: str = "local"
+
+
+def config_of(report) -> Config:
+    return Config(report.world_size, report.local_batch, report.accum_steps)
+
+
+class ControllerCore:
+    def __init__(self, config: ControllerConfig, actuator: Actuator, metrics: Metrics,
+                 clock=time.monotonic):
+        self.config = config
+        self.actuator = actuator
+        self.metrics = metrics
+        self.clock = clock
+        self.registry = JobRegistry(config.max_jobs)
+
+    # -- agents --------------------------------------------------------------------------
+    def register(self, req) -> tuple[Job, Agent]:
+        bounds = check_registration(req)
+        c = self.config
+
+        def make_job() -> Job:
+            return Job(req.job_id, bounds, Policy(bounds, resize_cost_s=c.resize_cost_s),
+                       TokenBucket(c.report_rate_per_s, c.report_burst))
+        try:
+            job, agent, created = self.registry.register(req.job_id, req.node, req.slots,
+                                                         req.address, make_job)
+        except RegistryFull as exc:
+            raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid",
+                            f"{exc}; cannot add job {req.job_id!r}") from None
+        with job.changed:
+            # Generations stay monotonic across a controller restart: agents bring theirs.
+            job.generation = max(job.generation, req.last_generation)
+        if created:
+            self.metrics.job(job.job_id)
+            self.metrics.set_bounds(job.job_id, bounds.min_replicas, bounds.max_replicas)
+            log.info("job %s registered by node %s (%d slots): workers [%d, %d], B0 %d, "
+                     "max batch %d", job.job_id, req.node, req.slots, bounds.min_replicas,
+                     bounds.max_replicas, bounds.init_batch, bounds.max_batch)
+        return job, agent
+
+    # -- reports -------------------------------------------------------------------------
+    def ingest(self, agent: Agent, msg) -> tuple[Job, int]:
+        """Accept one report of ``agent``'s stream; return the job and its generation.
+
+        Raise ``Rejection`` (counted in the metrics, against the agent's job) when bad.
+        """
+        job = self.registry.job(agent.job_id)
+        try:
+            if job is None:
+                raise Rejection(grpc.StatusCode.NOT_FOUND, "unknown_job",
+                                f"job {agent.job_id!r} is no longer known; register again")
+            if isinstance(msg, Malformed):
+                raise msg.rejection
+            now = self.clock()
+            with job.changed:
+                allowed = job.bucket.take(now)
+            if not allowed:
+                raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limited",
+                                f"job {job.job_id!r} sent reports faster than "
+                                f"{self.config.report_rate_per_s:g}/s (burst "
+                                f"{self.config.report_burst}); report every "
+                                f"{self.config.report_interval_s:g} s")
+            if msg.job_id != job.job_id and self.registry.job(msg.job_id) is None:
+                raise Rejection(grpc.StatusCode.NOT_FOUND, "unknown_job",
+                                f"report for unknown job {msg.job_id[:80]!r}; an agent must "
+                                f"register the job first")
+            report = report_from_proto(msg, job_id=job.job_id, init_batch=job.bounds.init_batch)
+        except Rejection as r:
+            self.count_rejection(agent.job_id if job is not None else "", r)
+            raise
+        figures = report_figures(report)
+        with job.changed:
+            job.pending.append(report)
+            job.last_report = report
+            job.last_report_time_s = now
+            job.accepted += 1
+            self.metrics.observe_report(report, figures)
+            return job, job.generation
+
+    def count_rejection(self, job_label: str, r: Rejection) -> None:
+        self.metrics.rejected_report(job_label, r.reason)
+        job = self.registry.job(job_label) if job_label else None
+        if job is not None:
+            with job.changed:
+                job.rejected += 1
+        log.debug("rejected (%s) for job %r: %s", r.reason, job_label, r.message)
+
+    # -- decisions -----------------------------------------------------------------------
+    def issue_directive(self, job: Job, config: Config, reason: str) -> Directive:
+        """Make ``config`` the job's directive, with the next generation; wake watchers."""
+        with job.changed:
+            job.generation += 1
+            d = Directive(job.job_id, job.generation, config.replicas, config.global_batch,
+                          config.local_batch, config.accum_steps, reason)
+            job.directive = d
+            job.directive_time_s = self.clock()
+            job.last_decision = reason
+            job.changed.notify_all()
+        return d
+
+    def _awaiting_directive(self, job: Job, now: float) -> bool:
+        d, rep = job.directive, job.policy.last_report
+        if d is None or rep is None or now - job.directive_time_s > self.config.settle_timeout_s:
+            return False
+        return config_of(rep) != Config(d.world_size, d.local_batch, d.accum_steps)
+
+    def run_policy(self, job: Job, force: bool = False) -> Decision | None:
+        """Observe the job's queued reports and decide, if due (or ``force``: bounds changed,
+        decide now even while a directive is in flight); apply the decision."""
+        with job.policy_lock:
+            now = self.clock()
+            with job.changed:
+                due = force or job.policy_due or (
+                    job.pending and now - job.last_policy_time_s >= self.config.policy_interval_s)
+                if not due:
+                    return None
+                reports = list(job.pending)
+                job.pending.clear()
+                job.policy_due = False
+                job.last_policy_time_s = now
+            if not reports and job.policy.last_report is None:
+                return None
+            t0 = time.perf_counter()
+            try:
+                for r in reports:
+                    job.policy.observe(r)
+                # A forced run (new bounds) decides even while a directive is in flight.
+                awaiting = not force and self._awaiting_directive(job, now)
+                decision = None if awaiting else job.policy.decide()
+            except Exception as exc:  # noqa: BLE001 - one job's policy must not stop the loop
+                if str(exc) != job.policy_error:
+                    log.warning("job %s: policy failed, keeping the configuration: %s",
+                                job.job_id, exc)
+                job.policy_error = str(exc)
+                return None
+            finally:
+                self.metrics.job(job.job_id).policy_seconds.observe(time.perf_counter() - t0)
+            job.policy_error = ""
+            if decision is None:
+                return None
+            if decision.changes_replicas or decision.changes_batch:
+                self._apply(job, decision)
+            else:
+                with job.changed:
+                    job.last_decision = decision.reason
+            return decision
+
+    def _apply(self, job: Job, d: Decision) -> None:
+        gain = d.predicted_gain
+        reason = (f"{d.reason} [predicted goodput {d.goodput_current:.1f} -> "
+                  f"{d.goodput_chosen:.1f}, {gain:+.1%}]")
+        directive = self.issue_directive(job, d.config, reason)
+        log.info("job %s generation %d: %s -> %s: %s", job.job_id, directive.generation,
+                 d.current.describe(), d.config.describe(), reason)
+        if d.changes_replicas:
+            self._set_workers(job, d.config.replicas)
+
+    def _set_workers(self, job: Job, workers: int) -> None:
+        with job.changed:
+            job.resizes += 1
+        self.metrics.job(job.job_id).resizes.inc()
+        try:
+            self.actuator.set_workers(job.job_id, workers)
+        except (ActuatorError, OSError) as exc:
+            log.error("job %s: the %s actuator could not move to %d workers: %s",
+                      job.job_id, self.actuator.name, workers, exc)
+            job.policy_error = f"actuator: {exc}"
+
+    def tick(self) -> None:
+        for job in self.registry.jobs():
+            self.run_policy(job)
+
+    # -- operators -----------------------------------------------------------------------
+    def set_bounds(self, job_id: str, min_workers: int, max_workers: int) -> Job:
+        job = self.registry.job(job_id)
+        if job is None:
+            known = ", ".join(sorted(j.job_id for j in self.registry.jobs())[:20]) or "none"
+            raise Rejection(grpc.StatusCode.NOT_FOUND, "unknown_job",
+                            f"no job {job_id[:80]!r}; known jobs: {known}")
+        with job.policy_lock:
+            try:
+                bounds = replace(job.bounds, min_replicas=min_workers,
+                                 max_replicas=max_workers).validate()
+            except BoundsError as exc:
+                raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(exc)) from None
+            job.policy = job.policy.with_bounds(bounds)
+            job.bounds = bounds
+            has_reports = job.policy.last_report is not None or bool(job.pending)
+        self.metrics.set_bounds(job_id, min_workers, max_workers)
+        log.info("job %s: bounds now [%d, %d] workers", job_id, min_workers, max_workers)
+        if has_reports:
+            self.run_policy(job, force=True)
+        else:
+            cur = self.actuator.current_workers(job_id)
+            if cur is not None and not min_workers <= cur <= max_workers:
+                self._set_workers(job, min(max(cur, min_workers), max_workers))
+        return job
+
+
+class PolicyLoop:
+    """A thread that runs due policies every ``tick_s`` until ``stop()``."""
+
+    def __init__(self, core: ControllerCore):
+        self.core = core
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="adaptrun-policy", daemon=True)
+
+    def start(self) -> "PolicyLoop":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.core.config.tick_s):
+            try:
+                self.core.tick()
+            except Exception:  # noqa: BLE001 - the loop outlives any one bug
+                log.exception("policy loop iteration failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

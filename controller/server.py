@@ -1,0 +1,113 @@
+"""A running controller: the gRPC server (controller service, health, reflection) on a
+thread pool, the policy loop and the /metrics endpoint, started and stopped together.
+
+``Controller(config).start()`` binds ``config.host:config.port`` (port 0 picks a free one;
+``.port`` says which) and returns at once; ``stop()`` ends open streams, the policy loop and
+the metrics server. Each open stream (reports, directives, health watch) holds one of
+``config.max_threads`` handler threads; beyond that many concurrent calls, a new call is
+refused with RESOURCE_EXHAUSTED rather than queued.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .actuator import Actuator, create_actuator
+from .core import ControllerConfig, ControllerCore, PolicyLoop
+from .metrics import Metrics
+from .service import SERVICE_NAME, ControllerService, generic_handler
+
+__all__ = ["Controller", "ControllerError"]
+
+log = logging.getLogger("adaptrun.controller")
+
+
+class ControllerError(RuntimeError):
+    """The controller could not start (a port in use, a bad setting); the message says which."""
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig = ControllerConfig(),
+                 actuator: Actuator | None = None):
+        self.config = config
+        self.actuator = actuator if actuator is not None else create_actuator(config.actuator)
+        self.metrics = Metrics()
+        self.core = ControllerCore(config, self.actuator, self.metrics)
+        self._stopping = threading.Event()
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._loop: PolicyLoop | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> "Controller":
+        c = self.config
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=c.max_threads, thread_name_prefix="adaptrun-grpc"),
+            options=[("grpc.max_receive_message_length", c.max_message_bytes),
+                     ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=c.max_threads)
+        service = ControllerService(self.core, self._stopping)
+        server.add_generic_rpc_handlers(
+            (generic_handler(service, c.max_report_bytes, c.max_message_bytes),))
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            port = server.add_insecure_port(f"{c.host}:{c.port}")
+        except RuntimeError as exc:
+            raise ControllerError(f"cannot listen on {c.host}:{c.port} ({exc}); is another "
+                                  f"controller running there? pick another --port") from None
+        if not port:
+            raise ControllerError(f"cannot listen on {c.host}:{c.port}; is another controller "
+                                  f"running there? pick another --port")
+        self.port = port
+        if c.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+            except OSError as exc:
+                raise ControllerError(f"cannot serve /metrics on {c.host}:{c.metrics_port}: "
+                                      f"{exc}; pick another --metrics-port") from None
+        server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._loop = PolicyLoop(self.core).start()
+        log.info("controller listening on %s (metrics port %s)", self.address, self.metrics_port)
+        return self
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self._stopping.set()
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        for job in self.core.registry.jobs():
+            with job.changed:
+                job.changed.notify_all()
+        if self._server is not None:
+            self._server.stop(grace_s).wait(grace_s + 5)
+            self._server = None
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+        self.metrics.close()
+        self.actuator.close()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout_s``); True when it stopped."""
+        return self._server is None or self._server.wait_for_termination(timeout_s)
+
+    def __enter__(self) -> "Controller":
+        return self.start() if self._server is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

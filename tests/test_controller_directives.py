@@ -1,0 +1,136 @@
+"""Directives: issued by the policy after ``scale``, sent again after a reconnect, carried
+across a controller restart by the agent's client, which never blocks its caller."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from adaptrun import control_plane_pb2 as pb
+from adaptrun.agents.controller_client import ControllerClient, JobBoundsSpec
+from adaptrun.controller.core import ControllerConfig
+from adaptrun.controller.server import Controller
+from adaptrun.policy import Config
+from adaptrun.report import Report
+from controller_support import (channel_to, register, report, running_controller, send_reports)
+
+
+def _first(stream, timeout_s=5.0):
+    got = []
+    t = threading.Thread(target=lambda: got.append(next(iter(stream))))
+    t.start()
+    t.join(timeout_s)
+    stream.cancel()
+    assert got, "no directive within the timeout"
+    return got[0]
+
+
+@pytest.mark.timeout(30)
+def test_scale_moves_the_job_and_the_stream_survives_a_reconnect():
+    with running_controller(policy_interval_s=60.0) as ctl, channel_to(ctl) as (_, stub):
+        agent = register(stub, "resnet").agent_id
+        send_reports(stub, agent, [report("resnet", step=i) for i in range(1, 4)])
+        status = stub.SetBounds(pb.SetBoundsRequest(job_id="resnet", min_workers=3,
+                                                    max_workers=4), timeout=10)
+        assert (status.bounds.min_workers, status.bounds.max_workers) == (3, 4)
+        d = status.directive
+        assert d.generation == 1 and 3 <= d.world_size <= 4
+        assert d.global_batch == d.world_size * d.local_batch * (d.accum_steps + 1)
+        assert "outside the bounds" in d.reason and "predicted goodput" in d.reason
+        assert status.resizes == 1 and status.desired_workers == d.world_size
+        assert ctl.actuator_changes == [("resnet", None, d.world_size)]
+
+        watch = pb.WatchDirectivesRequest(job_id="resnet", agent_id=agent, last_generation=0)
+        assert _first(stub.WatchDirectives(watch, timeout=10)).generation == 1
+        # Reconnect with the last generation applied: the current directive comes again.
+        watch.last_generation = 1
+        again = _first(stub.WatchDirectives(watch, timeout=10))
+        assert (again.generation, again.world_size) == (1, d.world_size)
+        # And a newer one reaches an open stream.
+        stream = stub.WatchDirectives(watch, timeout=10)
+        it = iter(stream)
+        assert next(it).generation == 1
+        ctl.core.issue_directive(ctl.core.registry.job("resnet"), Config(4, 16, 0), "test")
+        newer = next(it)
+        stream.cancel()
+        assert (newer.generation, newer.world_size, newer.global_batch) == (2, 4, 64)
+
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SetBounds(pb.SetBoundsRequest(job_id="resnet", min_workers=5, max_workers=4),
+                           timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SetBounds(pb.SetBoundsRequest(job_id="nope", min_workers=1, max_workers=4),
+                           timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "known jobs: resnet" in info.value.details()
+
+
+def _wait(cond, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _report(step, world_size=2):
+    return Report(job_id="bert", step=step, progress=float(step), world_size=world_size,
+                  nodes=1, local_batch=32, accum_steps=0, init_batch=64, step_time_s=0.5,
+                  sync_time_s=0.1, grad_sqr=1.0, grad_var=2.0, time_s=float(step))
+
+
+@pytest.mark.timeout(40)
+def test_agent_client_survives_a_controller_restart_and_never_blocks(caplog):
+    # No policy ticks (tick_s): this test issues the directives itself.
+    cfg = ControllerConfig(policy_interval_s=60.0, tick_s=3600, max_threads=32)
+    ctl = Controller(cfg).start()
+    port = ctl.port
+    got: list[pb.Directive] = []
+    client = ControllerClient(
+        f"127.0.0.1:{port}", "bert", "node-0", 2, "127.0.0.1:7000",
+        JobBoundsSpec(1, 4, 64, 1024, 8, 128), on_directive=got.append, queue_size=8,
+        backoff_initial_s=0.05, backoff_max_s=0.4).start()
+    try:
+        assert client.connected.wait(10)
+        for step in range(1, 4):
+            client.report(_report(step))
+        job = None
+        assert _wait(lambda: (j := ctl.core.registry.job("bert")) is not None and j.accepted == 3)
+        job = ctl.core.registry.job("bert")
+        assert _wait(lambda: job.agents["node-0"].watching == 1)
+        ctl.core.issue_directive(job, Config(3, 32, 0), "grow")
+        assert _wait(lambda: got and got[-1].reason == "grow")
+        grow = got[-1].generation
+
+        ctl.stop(grace_s=0.1)
+        # The controller is gone: report() still returns at once, dropping the oldest.
+        t0 = time.perf_counter()
+        for step in range(10, 30):
+            client.report(_report(step, world_size=3))
+        assert time.perf_counter() - t0 < 0.1
+        assert client.dropped_reports >= 12
+        assert _wait(lambda: not client.connected.is_set())
+        time.sleep(0.5)
+
+        ctl = Controller(ControllerConfig(port=port, policy_interval_s=60.0, tick_s=3600,
+                                          max_threads=32)).start()
+        assert _wait(lambda: (j := ctl.core.registry.job("bert")) is not None
+                     and j.agents["node-0"].watching == 1 and j.accepted >= 1)
+        job = ctl.core.registry.job("bert")
+        # The new controller continued the agent's generations; the newest reports arrived.
+        assert job.generation >= grow and job.last_report.step == 29
+        ctl.core.issue_directive(job, Config(2, 64, 0), "shrink")
+        assert _wait(lambda: got[-1].reason == "shrink")
+        assert got[-1].generation > grow and got[-1].world_size == 2
+        assert got[-1].global_batch == 128
+        generations = [d.generation for d in got]
+        assert generations == sorted(set(generations)), "a generation was delivered twice"
+        unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(unreachable) == 1, [r.getMessage() for r in unreachable]
+    finally:
+        client.close()
+        ctl.stop(grace_s=0.1)

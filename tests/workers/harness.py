@@ -1,0 +1,99 @@
+"""Process helpers for the multi-process tests: free loopback ports, process groups we own.
+
+Every process is started in its own session (``start_new_session=True``) so the test can end
+it and all its children by process group; ``stop`` is idempotent and is meant for ``finally``.
+Only 127.0.0.1 is used.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = REPO / "tests" / "workers" / "lsq_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra) -> dict:
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+              "TORCHELASTIC_USE_AGENT_STORE", "ADAPTRUN_REPORT_FILE",
+              "ADAPTRUN_CHECKPOINT_DIR", "ADAPTRUN_SNAPSHOT_DIR"):
+        env.pop(k, None)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("ADAPTRUN_TIMEOUT_S", "60")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=str(REPO))
+    finally:
+        log.close()
+
+
+def torchrun(nnodes: str, nproc: int, port: int, run_id: str, worker_args: list[str],
+             rdzv_conf: str | None = None, max_restarts: int = 0) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+           f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+           f"--max-restarts={max_restarts}", "--monitor-interval=0.2",
+           "--local-addr=127.0.0.1"]
+    if rdzv_conf:
+        cmd.append(f"--rdzv-conf={rdzv_conf}")
+    return cmd + [str(WORKER)] + worker_args
+
+
+def stop(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
+    """Kill the process group we started (the process and its children); wait for it."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def wait_all(procs: list[subprocess.Popen], timeout_s: float) -> list[int | None]:
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            break
+    return [p.poll() for p in procs]
+
+
+def read_steps(out: Path) -> list[dict]:
+    import json
+    rows = []
+    for f in sorted(out.glob("steps-*.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except FileNotFoundError:
+        return ""

@@ -1,0 +1,133 @@
+"""Least-squares worker used by the multi-process tests (runs alone, under torchrun, elastic).
+
+x ~ N(0, I_n), y = x.w* + noise(sigma), per-example loss 0.5 (x.w - y)^2. The model carries a
+``counts`` buffer [epochs, N]: every committed step adds, all-gathered over ranks, how often
+each dataset index was used, so the count is saved and restored with the model.
+
+Modes: ``gns`` (frozen LR at w = w* + d, reports the measured noise scale), ``train``.
+Every rank appends one JSON line per committed step to <out>/steps-<pid>.jsonl; rank 0 writes
+<out>/result.json at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import adaptrun
+import adaptrun.scaling
+
+
+class LsqData:
+    """Batched reads: __getitems__ returns (x, y, idx) for a list of indices."""
+
+    def __init__(self, num_samples: int, dim: int, sigma: float, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(num_samples, dim, generator=g, dtype=torch.float64)
+        self.w_star = torch.zeros(dim, dtype=torch.float64)
+        self.y = self.x @ self.w_star + sigma * torch.randn(num_samples, generator=g,
+                                                            dtype=torch.float64)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+    def __getitems__(self, idx):
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return self.x[t], self.y[t], t
+
+
+class Model(torch.nn.Module):
+    def __init__(self, dim: int, epochs: int, num_samples: int, init: torch.Tensor):
+        super().__init__()
+        self.w = torch.nn.Parameter(init.clone())
+        self.register_buffer("counts", torch.zeros(epochs, num_samples, dtype=torch.int32))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", default="train", choices=["gns", "train"])
+    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--sigma", type=float, default=1.0)
+    p.add_argument("--samples", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--rule", default="linear")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--gns-decay", type=float, default=0.99)
+    p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+
+    world = adaptrun.init()
+    out = args.out
+    data = LsqData(args.samples, args.dim, args.sigma)
+    init = torch.ones(args.dim, dtype=torch.float64) / args.dim ** 0.5  # |d| = 1
+    model = Model(args.dim, args.epochs, args.samples, init)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    rule = adaptrun.scaling.rule_by_name(args.rule, args.warmup)
+    model = adaptrun.AdaptiveDataParallel(model, opt, scaling_rule=rule,
+                                          gns_decay=args.gns_decay, report_every_steps=5)
+    loader = adaptrun.AdaptiveDataLoader(data, batch_size=args.batch, shuffle=True,
+                                         collate_fn=lambda b: b)
+    loader.autoscale_batch_size(args.samples, accumulation=True)
+    restored = adaptrun.restored_step()
+    log_path = os.path.join(out, f"steps-{os.getpid()}.jsonl") if out else None
+    log = open(log_path, "a") if log_path else None
+    if log:
+        log.write(json.dumps({"event": "start", "rank": world.rank, "world": world.world_size,
+                              "restored": restored, "step": model.step}) + "\n")
+        log.flush()
+    step_counts = torch.zeros(args.samples, dtype=torch.int32)
+    for epoch in adaptrun.remaining_epochs(args.epochs):
+        for x, y, idx in loader:
+            step_counts.index_add_(0, loader.current_indices,
+                                   torch.ones(len(loader.current_indices), dtype=torch.int32))
+            opt.zero_grad()
+            loss = 0.5 * (model(x) - y).pow(2).mean()
+            loss.backward()
+            if loader.is_step_end:
+                if world.world_size > 1:
+                    dist.all_reduce(step_counts)
+                model.module.counts[epoch] += step_counts
+                step_counts.zero_()
+                model.record_loss(loss)
+            opt.step()
+            if loader.is_step_end:
+                if log:
+                    log.write(json.dumps({
+                        "event": "step", "rank": world.rank, "world": world.world_size,
+                        "step": model.step, "epoch": epoch, "global_batch": loader.current_batch_size,
+                        "accum": loader.accumulation_steps, "lr": model.lr, "loss": float(loss.detach()),
+                        "generation": model.generation, "noise_scale": model.noise_scale}) + "\n")
+                    log.flush()
+                if args.step_sleep:
+                    time.sleep(args.step_sleep)
+            if args.max_steps and model.step >= args.max_steps:
+                break
+        if args.max_steps and model.step >= args.max_steps:
+            break
+    if world.rank == 0 and out:
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump({"noise_scale": model.noise_scale, "grad_sqr": model.grad_sqr,
+                       "trace_sigma": model.grad_var * loader.state.init_batch,
+                       "step": model.step, "world": world.world_size, "restored": restored,
+                       "counts": model.module.counts.tolist(), "progress": model.progress}, f)
+    if log:
+        log.write(json.dumps({"event": "end", "rank": world.rank, "step": model.step}) + "\n")
+        log.close()
+
+
+if __name__ == "__main__":
+    main()
