@@ -97,3 +97,28 @@ def tail(path: Path, n: int = 4000) -> str:
         return path.read_text(errors="replace")[-n:]
     except FileNotFoundError:
         return ""
+
+
+def wait_steps(out: Path, predicate, count: int, timeout_s: float, procs=()) -> list[dict]:
+    """Wait until ``count`` step rows satisfy ``predicate``; fail early if a process died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [r for r in read_steps(out) if r.get("event") == "step" and predicate(r)]
+        if len(rows) >= count:
+            return rows
+        dead = [p.args for p in procs if p.poll() not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            raise TimeoutError(f"{len(rows)}/{count} matching steps after {timeout_s:.0f}s"
+                               + (f"; exited: {dead}" if dead else ""))
+        time.sleep(0.1)
+
+
+def gap_s(rows: list[dict], world_before: int, world_after: int, after_t: float = 0.0) -> float:
+    """Wall time from the last step of a world of ``world_before`` ranks to the first step of
+    the next world of ``world_after`` ranks (rank 0's step log lines, after ``after_t``)."""
+    steps = sorted((r for r in rows if r.get("event") == "step" and r["rank"] == 0
+                    and r["t"] >= after_t), key=lambda r: r["t"])
+    for a, b in zip(steps, steps[1:]):
+        if a["world"] == world_before and b["world"] == world_after:
+            return b["t"] - a["t"]
+    raise AssertionError(f"no change {world_before} -> {world_after} in the step log")

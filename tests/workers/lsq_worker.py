@@ -87,7 +87,9 @@ def main() -> None:
     log = open(log_path, "a") if log_path else None
     if log:
         log.write(json.dumps({"event": "start", "rank": world.rank, "world": world.world_size,
-                              "restored": restored, "step": model.step}) + "\n")
+                              "restored": restored, "step": model.step, "t": time.time(),
+                              "master": f"{os.environ.get('MASTER_ADDR', '')}:"
+                                        f"{os.environ.get('MASTER_PORT', '')}"}) + "\n")
         log.flush()
     step_counts = torch.zeros(args.samples, dtype=torch.int32)
     for epoch in adaptrun.remaining_epochs(args.epochs):
@@ -110,7 +112,8 @@ def main() -> None:
                         "event": "step", "rank": world.rank, "world": world.world_size,
                         "step": model.step, "epoch": epoch, "global_batch": loader.current_batch_size,
                         "accum": loader.accumulation_steps, "lr": model.lr, "loss": float(loss.detach()),
-                        "generation": model.generation, "noise_scale": model.noise_scale}) + "\n")
+                        "generation": model.generation, "noise_scale": model.noise_scale,
+                        "lr_factor": model.lr_factor, "t": time.time()}) + "\n")
                     log.flush()
                 if args.step_sleep:
                     time.sleep(args.step_sleep)
