@@ -48,14 +48,21 @@ def test_same_script_alone_and_under_fixed_torchrun(tmp_path):
     args = ["--samples", "1000", "--batch", "40", "--epochs", "2"]
     alone = tmp_path / "alone"
     alone.mkdir()
+    reports = tmp_path / "reports.jsonl"
     out = subprocess.run([sys.executable, str(harness.WORKER), *args, "--out", str(alone)],
-                         env=harness.base_env(), cwd=harness.REPO, capture_output=True,
-                         text=True, timeout=90)
+                         env=harness.base_env(ADAPTRUN_REPORT_FILE=reports), cwd=harness.REPO,
+                         capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr[-3000:]
     res = _assert_exactly_once(alone, 2, 1000)
     assert res["world"] == 1 and res["step"] == 2 * 25
     losses = _losses(harness.read_steps(alone))
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])   # floor: sigma^2/2 = 0.5
+    # rank 0 reports every 5 steps to the JSON-lines sink, with the fields the policy reads
+    lines = [json.loads(x) for x in reports.read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(5, 51, 5))
+    assert {"progress", "world_size", "local_batch", "accum_steps", "step_time_s",
+            "sync_time_s", "grad_sqr", "grad_var", "loss", "lr"} <= set(lines[0])
+    assert lines[-1]["world_size"] == 1 and lines[-1]["local_batch"] == 40
 
     fixed = tmp_path / "fixed"
     fixed.mkdir()
