@@ -1,7 +1,7 @@
 """Timeline plots (matplotlib, Agg backend): what the job ran at, and how well, over time."""
 from __future__ import annotations
 
-__all__ = ["plot_simulation"]
+__all__ = ["plot_simulation", "plot_run"]
 
 
 def plot_simulation(summary: dict, path: str) -> None:
@@ -32,6 +32,30 @@ def plot_simulation(summary: dict, path: str) -> None:
     fig.suptitle(f"{summary['workload']}: {summary['policy']} on {summary['gpus']} GPUs, "
                  f"{summary['time_s'] / 60:.1f} min (best fixed "
                  f"{summary['best_fixed_s'] / 60:.1f} min), {summary['resizes']} resizes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+RUN_SERIES = (("global_batch", "global batch"), ("workers", "workers"), ("lr", "learning rate"),
+              ("noise_scale", "noise scale (examples)"), ("goodput", "goodput (B0-examples/s)"))
+
+
+def plot_run(samples: list[dict], path: str, title: str) -> None:
+    """A live run's timeline: each of ``RUN_SERIES`` against wall time (``t_s``), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [s["t_s"] for s in samples]
+    fig, axes = plt.subplots(len(RUN_SERIES), 1, sharex=True, figsize=(9, 9))
+    for ax, (key, label) in zip(axes, RUN_SERIES):
+        ax.plot(xs, [s.get(key, float("nan")) for s in samples], drawstyle="steps-post")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("wall time (s)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
