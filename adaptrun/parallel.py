@@ -40,6 +40,7 @@ from .scaling import AdaScale, ScalingRule
 __all__ = ["AdaptiveDataParallel"]
 
 _DIRECTIVE_POLL_S = 0.1
+_PRECOND_REFRESH_STEPS = 10
 
 
 class AdaptiveDataParallel(torch.nn.Module):
@@ -75,6 +76,10 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._t_last_step = None
         self._step_times: list[float] = []
         self._sync_times: list[float] = []
+        self._prev: dict[int, torch.Tensor] = {}     # accumulated grads before this micro-batch
+        self._precond: dict[int, torch.Tensor] | None = None
+        self._precond_step = 0
+        self._precond_flat: dict[tuple, torch.Tensor | None] = {}
         self._reset_step_stats()
         self._begin_step(None, None)
         self._wrap_optimizer(optimizer)
@@ -182,13 +187,12 @@ class AdaptiveDataParallel(torch.nn.Module):
 
     # ---- per step, driven by the loader ----------------------------------------------
     def _reset_step_stats(self) -> None:
-        self._small_sum = 0.0
+        self._small_sum = 0.0           # Python floats or 0-dim tensors; summed once per step
         self._small_count = 0
+        self._micro_seen = 0            # micro-batches measured by _next_micro this step
         self._big_sqr = 0.0
-        self._prev: dict[int, torch.Tensor] = {}
         self._sync_start = None
         self._sync_end = None
-        self._precond: dict[int, torch.Tensor] | None = None
 
     def _begin_step(self, plan, rank_slice) -> None:
         """The loader starts a step: how this rank's gradient is weighted and measured."""
@@ -206,8 +210,17 @@ class AdaptiveDataParallel(torch.nn.Module):
                 plan.world_size * plan.micro_batches)
 
     def _preconditioner(self) -> dict[int, torch.Tensor]:
-        if self._precond is None:
-            self._precond = {}
+        """Per parameter (id) 1 / (sqrt(v / (1 - beta2^t)) + eps) of an Adam-family optimizer.
+
+        Rebuilt every ``_PRECOND_REFRESH_STEPS`` steps, not every step: v moves by a factor of
+        about (1 - beta2) per step, so a few steps of staleness change the statistics by far
+        less than their own noise, and the rebuild costs as much as an optimizer step."""
+        step = self._job.state.step
+        adam_state_due = not self._precond and self._precond_step == 0 < step   # after step 1
+        if self._precond is None or adam_state_due or (
+                step - self._precond_step >= _PRECOND_REFRESH_STEPS):
+            self._precond, self._precond_step = {}, step
+            self._precond_flat.clear()
             for group in self.optimizer.param_groups:
                 beta2 = group.get("betas", (0.9, 0.999))[1]
                 eps = group.get("eps", 1e-8)
@@ -221,36 +234,73 @@ class AdaptiveDataParallel(torch.nn.Module):
                     self._precond[id(p)] = 1.0 / ((v / bias2).sqrt() + eps)
         return self._precond
 
-    def _sqr(self, p, g) -> float:
-        w = self._preconditioner().get(id(p))
-        return float((g * w).pow(2).sum() if w is not None else g.pow(2).sum())
+    def _bucket_preconditioner(self, bucket) -> torch.Tensor | None:
+        """The preconditioner laid out like ``bucket.buffer()`` (ones where a parameter has
+        no optimizer state yet); None for plain SGD-family optimizers."""
+        pre = self._preconditioner()
+        if not pre:
+            return None
+        params = bucket.parameters()      # DDP may rebuild its buckets after the first step
+        key = (bucket.index(), id(params[0]) if params else 0, bucket.buffer().numel())
+        flat = self._precond_flat.get(key)
+        if flat is None:
+            parts = [pre.get(id(p), torch.ones_like(g)).reshape(-1)
+                     for p, g in zip(params, bucket.gradients())]
+            flat = torch.cat(parts) if parts else None
+            self._precond_flat[key] = flat
+        return flat
+
+    @staticmethod
+    def _sqr_flat(buf: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
+        """|buf|^2, or |buf * pre|^2: one reduction over the whole bucket, no host sync."""
+        if buf.dtype in (torch.float16, torch.bfloat16):
+            buf = buf.float()
+        if pre is None or pre.numel() != buf.numel():
+            return torch.dot(buf, buf)
+        t = buf * pre
+        return torch.dot(t, t)
 
     def _next_micro(self) -> None:
         """Between micro-batches: measure the one just backpropagated (accumulated - prev)."""
         if not self._stats_on:
             return
+        pre = self._preconditioner()
         with torch.no_grad():
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
                     prev = self._prev.get(id(p))
-                    d = p.grad if prev is None else p.grad - prev
-                    self._small_sum += self._sqr(p, d)
-                    self._prev[id(p)] = p.grad.detach().clone()
+                    if prev is None or prev.shape != p.grad.shape:
+                        prev = self._prev[id(p)] = torch.zeros_like(p.grad)
+                    d = (p.grad if self._micro_seen == 0 else p.grad - prev).reshape(-1)
+                    w = pre.get(id(p))
+                    if w is not None:
+                        d = d * w.reshape(-1)
+                    self._small_sum = self._small_sum + torch.dot(d, d)
+                    prev.copy_(p.grad)
         self._small_count += 1
+        self._micro_seen += 1
 
     def _comm_hook(self, _state, bucket):
         buf = bucket.buffer()
         if self._sync_start is None:
             self._sync_start = time.perf_counter()
         stats = self._stats_on
-        pairs = list(zip(bucket.parameters(), bucket.gradients())) if stats else []
+        pre = None
         if stats:
             with torch.no_grad():
-                for p, g in pairs:
-                    prev = self._prev.get(id(p))
-                    self._small_sum += self._sqr(p, g if prev is None else g - prev)
+                pre = self._bucket_preconditioner(bucket)
+                if self._micro_seen > 0:      # accumulation: the last micro-batch's own part
+                    for p, g in zip(bucket.parameters(), bucket.gradients()):
+                        prev = self._prev.get(id(p))
+                        d = (g if prev is None else g - prev).reshape(-1)
+                        w = self._precond.get(id(p)) if self._precond else None
+                        if w is not None:
+                            d = d * w.reshape(-1)
+                        self._small_sum = self._small_sum + torch.dot(d, d)
+                else:
+                    self._small_sum = self._small_sum + self._sqr_flat(buf, pre)
             if bucket.index() == 0:
                 self._small_count += 1
         buf.mul_(self._weight)
@@ -260,8 +310,7 @@ class AdaptiveDataParallel(torch.nn.Module):
             reduced = f.value()[0]
             if stats:
                 with torch.no_grad():
-                    for p, g in pairs:       # views into the reduced buffer
-                        self._big_sqr += self._sqr(p, g)
+                    self._big_sqr = self._big_sqr + self._sqr_flat(reduced, pre)
             self._sync_end = time.perf_counter()
             return reduced
 
@@ -283,7 +332,7 @@ class AdaptiveDataParallel(torch.nn.Module):
     def _before_step(self) -> None:
         self._poll_directive()
         world = self._world
-        vec = torch.tensor([self._small_sum, float(self._small_count), self._big_sqr,
+        vec = torch.tensor([float(self._small_sum), float(self._small_count), float(self._big_sqr),
                             1.0 if self._job.term_requested else 0.0]
                            + directive_mod.to_vector(self._offer if world.rank == 0 else None),
                            dtype=torch.float64)

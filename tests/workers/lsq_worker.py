@@ -67,6 +67,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--gns-decay", type=float, default=0.99)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--pace-file", default="",
+                   help="when it exists, seconds to sleep after each step (read every step)")
+    p.add_argument("--accum", type=int, default=0,
+                   help="start with this many extra micro-batches (a directive to itself)")
     p.add_argument("--out", default="")
     args = p.parse_args()
 
@@ -83,6 +87,10 @@ def main() -> None:
                                          collate_fn=lambda b: b)
     loader.autoscale_batch_size(args.samples, accumulation=True)
     restored = adaptrun.restored_step()
+    if args.accum and world.rank == 0 and restored is None:
+        from adaptrun.distributed import job_store
+        adaptrun.write_directive(job_store(), adaptrun.Directive(
+            generation=1, global_batch=args.batch, accum_steps=args.accum, reason="--accum"))
     log_path = os.path.join(out, f"steps-{os.getpid()}.jsonl") if out else None
     log = open(log_path, "a") if log_path else None
     if log:
@@ -117,6 +125,12 @@ def main() -> None:
                     log.flush()
                 if args.step_sleep:
                     time.sleep(args.step_sleep)
+                if args.pace_file:
+                    try:
+                        with open(args.pace_file) as pf:
+                            time.sleep(float(pf.read().strip() or 0))
+                    except (OSError, ValueError):
+                        pass
             if args.max_steps and model.step >= args.max_steps:
                 break
         if args.max_steps and model.step >= args.max_steps:
