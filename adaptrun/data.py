@@ -82,12 +82,19 @@ class AdaptiveDataLoader:
         self.accumulation = bool(accumulation)
 
     def _apply_batch(self, global_batch: int, accum_steps: int) -> None:
-        """A directive's batch, applied at a step boundary (same on every rank)."""
+        """A directive's batch, applied at a step boundary (same on every rank). The script's
+        own limits win over the directive: the global batch stays within [world size,
+        max_batch_size], accumulation is used only when allowed, and the local batch stays
+        below the upper local bound (by accumulating, or else by a smaller global batch)."""
         w = self._world.world_size
-        global_batch = max(int(global_batch), w)
-        accum_steps = max(int(accum_steps), 0)
-        if not self.accumulation and accum_steps and self.local_batch_bounds is not None:
-            accum_steps = 0
+        global_batch = min(max(int(global_batch), w), max(self.max_batch_size, w))
+        accum_steps = max(int(accum_steps), 0) if self.accumulation else 0
+        if self.local_batch_bounds is not None:
+            hi = self.local_batch_bounds[1]
+            if self.accumulation:
+                accum_steps = max(accum_steps, math.ceil(global_batch / (w * hi)) - 1)
+            else:
+                global_batch = min(global_batch, w * hi)
         self.state.global_batch = global_batch
         self.state.accum_steps = accum_steps
 
