@@ -80,6 +80,11 @@ class AdaptiveDataLoader:
             self.local_batch_bounds = (lo, hi)
         self.max_batch_size = int(max_batch_size)
         self.accumulation = bool(accumulation)
+        if (self.accumulation and w == 1 and self._job.restored_step is None
+                and self.state.accum_steps == 0 and self.state.global_batch >= 2):
+            # One replica measures no gradient noise with one micro-batch; two micro-batches
+            # of the same step give the small-batch gradients (same update, same examples).
+            self.state.accum_steps = 1
 
     def _apply_batch(self, global_batch: int, accum_steps: int) -> None:
         """A directive's batch, applied at a step boundary (same on every rank). The script's
