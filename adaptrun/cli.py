@@ -252,6 +252,249 @@ def scale_command(job_id, min_workers, max_workers, target, timeout_s):
                f"{s.last_decision or 'no decision yet'}")
 
 
+# --- agent ----------------------------------------------------------------------------
+
+
+def _nnodes(value: str) -> tuple[int, int]:
+    lo, sep, hi = value.partition(":")
+    try:
+        lo_i, hi_i = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise UsageProblem(f"--nnodes must be N or MIN:MAX, got {value!r}") from None
+    if not 1 <= lo_i <= hi_i:
+        raise UsageProblem(f"--nnodes needs 1 <= MIN <= MAX, got {value!r}")
+    return lo_i, hi_i
+
+
+@cli.command("agent", context_settings={"ignore_unknown_options": True,
+                                        "allow_interspersed_args": False})
+@click.option("--controller", "target", default=None,
+              help="The controller, HOST:PORT (none: elastic, not adaptive).")
+@click.option("--job", "job_id", required=True, help="The job id (the same on every node).")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this node.")
+@click.option("--nnodes", default="1", show_default=True,
+              help="Nodes the first round admits: N or MIN:MAX (later rounds: the controller).")
+@click.option("--rdzv-endpoint", default=None,
+              help="HOST:PORT of the c10d store for the rendezvous (hosted here when nothing "
+                   "listens there and it is local: then this agent is a single point of failure).")
+@click.option("--rdzv-conf", default="", help="key=value,... : join_timeout, last_call_timeout, "
+              "close_timeout, keep_alive_interval, keep_alive_max_attempt, is_host, poll_s.")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Failure restarts before giving up (planned re-forms spend none).")
+@click.option("--node", default="", help="This node's name, unique in the job (default "
+              "hostname-pid).")
+@click.option("--local-addr", default="127.0.0.1", show_default=True,
+              help="This node's address as the other nodes reach it.")
+@click.option("--min-workers", type=click.IntRange(min=1), default=None,
+              help="Job bounds registered with the controller (default from --nnodes).")
+@click.option("--max-workers", type=click.IntRange(min=1), default=None)
+@click.option("--init-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="The global batch the LR was tuned at (B0).")
+@click.option("--max-global-batch", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--local-batch-min", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--local-batch-max", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--snapshot-dir", default=None, help="Node-local snapshot directory for the "
+              "workers (ADAPTRUN_SNAPSHOT_DIR; default <tmp>/adaptrun-<job>).")
+@click.option("--controller-wait-s", type=click.FloatRange(min=0.0), default=3.0,
+              show_default=True, help="How long to wait for the controller before starting.")
+@click.option("--warm-start/--no-warm-start", default=True, show_default=True,
+              help="Start the next round's workers ahead (torch imported) while the old "
+                   "world trains; off: plain `python train.py` per round.")
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_conf,
+                  max_restarts, node, local_addr, min_workers, max_workers, init_batch,
+                  max_global_batch, local_batch_min, local_batch_max, snapshot_dir,
+                  controller_wait_s, warm_start, verbose, command):
+    """Run this node's workers of a job: `adaptrun agent --job ID ... -- python train.py ARGS`."""
+    import logging
+    import os
+
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:  # torch's rendezvous logs every state change at INFO
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    if target:
+        _controller_target(target)
+    lo, hi = _nnodes(nnodes)
+    command = tuple(command[1:] if command and command[0] == "--" else command)
+
+    from adaptrun.agents.agent import Agent, AgentConfig, AgentError
+    from adaptrun.agents.controller_client import JobBoundsSpec
+    from adaptrun.agents.rendezvous import RendezvousConf
+
+    try:
+        conf = RendezvousConf.parse(rdzv_conf)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    bounds = JobBoundsSpec(min_workers=min_workers or lo * nproc_per_node,
+                           max_workers=max_workers or hi * nproc_per_node,
+                           init_batch=init_batch, max_global_batch=max_global_batch,
+                           local_batch_min=local_batch_min, local_batch_max=local_batch_max)
+    config = AgentConfig(job_id=job_id, command=command, nproc_per_node=nproc_per_node,
+                         nnodes_min=lo, nnodes_max=hi, controller=target,
+                         rdzv_endpoint=rdzv_endpoint, rdzv_conf=conf,
+                         max_restarts=max_restarts, node=node, local_addr=local_addr,
+                         bounds=bounds, snapshot_dir=snapshot_dir,
+                         controller_wait_s=controller_wait_s, warm_start=warm_start)
+    try:
+        agent = Agent(config)
+    except AgentError as exc:
+        raise UsageProblem(str(exc)) from None
+    sys.exit(agent.run())
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True,
+                                      "allow_interspersed_args": False})
+@click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-workers", type=click.IntRange(min=1), default=None,
+              help="Default: the CPUs of this machine.")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Workers per agent (one agent plays one node).")
+@click.option("--job", "job_id", default="local", show_default=True)
+@click.option("--init-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="The script's batch_size (B0, the batch its LR was tuned at).")
+@click.option("--max-global-batch", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--local-batch-min", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--local-batch-max", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port of the embedded controller (0: any free port).")
+@click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of /metrics (0: any free port).")
+@click.option("--policy-interval-s", default=3.0, show_default=True,
+              type=click.FloatRange(min=0.1))
+@click.option("--resize-cost-s", default=5.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="What the policy assumes a change of worker count costs.")
+@click.option("--log-dir", default="adaptrun-logs", show_default=True,
+              help="Agent logs and node-local snapshots.")
+@click.option("--plot", default="adaptrun-timeline.png", show_default=True,
+              help="Timeline PNG written at the end ('' for none).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, max_global_batch,
+                local_batch_min, local_batch_max, port, metrics_port, policy_interval_s,
+                resize_cost_s, log_dir, plot, progress, command):
+    """Train on this machine with an embedded controller and local agents:
+    `adaptrun run --min-workers 1 --max-workers 3 -- python train.py ARGS`."""
+    import logging
+    import os
+    import pathlib
+    import signal
+
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    command = tuple(command[1:] if command and command[0] == "--" else command)
+    if max_workers is None:
+        max_workers = max(min_workers, os.cpu_count() or 1)
+
+    from adaptrun.controller.local_run import LocalRun, RunConfig
+    from adaptrun.controller.server import ControllerError
+
+    try:
+        config = RunConfig(command=command, job_id=job_id, min_workers=min_workers,
+                           max_workers=max_workers, nproc_per_node=nproc_per_node,
+                           init_batch=init_batch, max_global_batch=max_global_batch,
+                           local_batch_min=local_batch_min, local_batch_max=local_batch_max,
+                           port=port, metrics_port=metrics_port,
+                           policy_interval_s=policy_interval_s, resize_cost_s=resize_cost_s,
+                           log_dir=pathlib.Path(log_dir)).validate()
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        run = LocalRun(config).start()
+    except ControllerError as exc:
+        raise UsageProblem(str(exc)) from None
+    try:
+        code, samples, decisions = _watch_run(run, progress, stop)
+    finally:
+        run.close()
+    _run_summary(run, samples, decisions, code, plot)
+    sys.exit(code)
+
+
+def _watch_run(run, show_progress: bool, stop: dict):
+    """Follow the job until its agents are done (or a signal): progress bar, one line per
+    decision; returns (exit code, samples, decisions)."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=False)
+    c = run.config
+    console.print(f"adaptrun run: job {c.job_id!r}, workers [{c.min_workers}, {c.max_workers}], "
+                  f"controller {run.controller.address}, metrics "
+                  f"http://127.0.0.1:{run.controller.metrics_port}/metrics, logs {c.log_dir}/")
+    samples, decisions = [], []
+    fields = "epoch {e}  progress {p}  batch {b}  workers {w}  goodput {g}"
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, disable=not show_progress, transient=False) as bar:
+        task = bar.add_task(fields.format(e="-", p="-", b="-", w="-", g="-"), total=None)
+        code = None
+        while code is None:
+            if stop["signal"] is not None:
+                console.print("stopping: the agents save and exit")
+                code = 128 + stop["signal"]
+                break
+            s = run.sample()
+            if s is not None and (not samples or s.reports != samples[-1].reports):
+                samples.append(s)
+                bar.update(task, description=fields.format(
+                    e=s.epoch, p=f"{s.progress:.0f}", b=f"{s.global_batch} "
+                    f"({s.local_batch}x{s.accum_steps + 1})", w=s.workers,
+                    g=f"{s.goodput:.0f}" if s.adaptive else "n/a (not adaptive)"))
+            for d in run.new_decisions():
+                decisions.append((run.elapsed_s(), d))
+                bar.console.print(f"[{run.elapsed_s():6.1f}s] generation {d.generation}: "
+                                  f"workers {d.world_size}, batch {d.global_batch} "
+                                  f"({d.local_batch}x{d.accum_steps + 1}): {d.reason}")
+            code = run.finished()
+            time.sleep(0.5)
+    return code, samples, decisions
+
+
+def _run_summary(run, samples, decisions, code: int, plot: str) -> None:
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"job {run.config.job_id}: " + ("done" if code == 0 else f"exit {code}"))
+    t.add_column("")
+    t.add_column("", justify="right")
+    job = run.job
+    rows = [("wall time", f"{run.elapsed_s():.1f} s"), ("decisions", str(len(decisions)))]
+    if job is not None:
+        rows += [("resizes", str(job.resizes)), ("reports accepted", str(job.accepted)),
+                 ("reports rejected", str(job.rejected))]
+    if samples:
+        last = samples[-1]
+        workers = sorted({s.workers for s in samples})
+        batches = sorted({s.global_batch for s in samples})
+        rows += [("steps", str(last.step)), ("epochs reached", str(last.epoch + 1)),
+                 ("progress (B0-steps)", f"{last.progress:.0f}"),
+                 ("workers seen", ", ".join(map(str, workers))),
+                 ("global batches seen", ", ".join(map(str, batches))),
+                 ("last noise scale", f"{last.noise_scale:.0f}"),
+                 ("last goodput", f"{last.goodput:.0f}")]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+    if plot and samples:
+        from .plotting import plot_run
+        plot_run([asdict(s) for s in samples], plot,
+                 f"adaptrun run: job {run.config.job_id}, {len(decisions)} decisions")
+        console.print(f"timeline plot: {plot}")
+
 
 def main() -> None:
     cli(prog_name="adaptrun")

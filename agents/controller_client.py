@@ -174,9 +174,9 @@ class ControllerClient:
         log.info("registered with the controller at %s as %s", self.target, resp.agent_id)
         self._registered = True
         self.agent_id = resp.agent_id
-        self.connected.set()
         if resp.directive.generation:
             self._deliver(resp.directive)
+        self.connected.set()   # after the current directive: a waiter sees both
         watch = stub.WatchDirectives(pb.WatchDirectivesRequest(
             job_id=self.job_id, agent_id=resp.agent_id, last_generation=self.last_generation))
         reports = stub.StreamReports(self._report_stream(),

@@ -86,6 +86,8 @@ class Metrics:
         c = self._children.get(job_id)
         if c is None:
             c = self._children[job_id] = _JobChildren(self, job_id)
+            for reason in REASONS:   # every series exists from the start, at 0 (rate() works)
+                self.rejected.labels(job=job_id, reason=reason)
         return c
 
     def set_bounds(self, job_id: str, min_workers: int, max_workers: int) -> None:

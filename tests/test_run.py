@@ -1,0 +1,115 @@
+"""End to end: `adaptrun run` trains a real job with an embedded controller and local agents.
+
+Real gRPC controller on 127.0.0.1, real agents and torch elastic rendezvous, real worker
+processes (tests/workers/lsq_worker.py, whose model counts every sample each committed step
+used), Prometheus /metrics scraped over HTTP while it trains, `adaptrun scale` from another
+process. The whole process group of the run is killed in ``finally``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from workers import harness
+
+METRICS = ["adaptrun_goodput", "adaptrun_throughput_examples_per_second",
+           "adaptrun_statistical_efficiency", "adaptrun_noise_scale_examples",
+           "adaptrun_global_batch_size", "adaptrun_local_batch_size",
+           "adaptrun_accumulation_steps", "adaptrun_learning_rate", "adaptrun_workers",
+           "adaptrun_workers_min", "adaptrun_workers_max", "adaptrun_resizes_total",
+           "adaptrun_rejected_reports_total", "adaptrun_policy_seconds_count"]
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#") or 'job="e2e"' not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        values[name.split("{")[0]] = float(value)
+    return values
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaptrun.cli", *args], capture_output=True,
+                          text=True, timeout=30, env=harness.base_env(), cwd=harness.REPO)
+
+
+@pytest.mark.timeout(300)
+def test_adaptrun_run_adapts_batch_and_workers_exactly_once(tmp_path):
+    samples, epochs, b0 = 6000, 4, 32
+    out = tmp_path / "out"
+    out.mkdir()
+    port, metrics_port = harness.free_port(), harness.free_port()
+    cmd = [sys.executable, "-m", "adaptrun.cli", "run", "--job", "e2e", "--min-workers", "1",
+           "--max-workers", "3", "--init-batch", str(b0), "--max-global-batch", "512",
+           "--local-batch-min", "8", "--local-batch-max", "256", "--port", str(port),
+           "--metrics-port", str(metrics_port), "--policy-interval-s", "2",
+           "--log-dir", str(tmp_path / "logs"), "--plot", str(tmp_path / "timeline.png"),
+           "--no-progress", "--", sys.executable, str(harness.WORKER), "--samples", str(samples),
+           "--batch", str(b0), "--epochs", str(epochs), "--lr", "0.05", "--step-sleep", "0.02",
+           "--out", str(out)]
+    proc = harness.start(cmd, harness.base_env(), tmp_path / "run.log")
+    controller = f"127.0.0.1:{port}"
+    try:
+        harness.wait_steps(out, lambda r: r["world"] == 1, 30, 90, [proc])
+        deadline = time.monotonic() + 30
+        while not (m := _scrape(metrics_port)).get("adaptrun_global_batch_size"):
+            assert time.monotonic() < deadline, "no job metrics after 30 s"
+            time.sleep(0.5)
+        missing = [name for name in METRICS if name not in m]
+        assert not missing, f"metrics missing for job e2e: {missing}"
+        assert m["adaptrun_workers"] == 1 and m["adaptrun_workers_max"] == 3
+        assert m["adaptrun_global_batch_size"] >= b0 and m["adaptrun_goodput"] > 0
+
+        t_up = time.time()
+        up = _cli("scale", "e2e", "--min-workers", "2", "--max-workers", "3",
+                  "--controller", controller)
+        assert up.returncode == 0, up.stderr
+        harness.wait_steps(out, lambda r: r["world"] >= 2 and r["t"] > t_up, 20, 90, [proc])
+        t_down = time.time()
+        down = _cli("scale", "e2e", "--min-workers", "1", "--max-workers", "1",
+                    "--controller", controller)
+        assert down.returncode == 0, down.stderr
+        harness.wait_steps(out, lambda r: r["world"] == 1 and r["t"] > t_down, 10, 90, [proc])
+        status = json.loads(_cli("status", "--controller", controller, "--json").stdout)
+        assert status["jobs"][0]["job_id"] == "e2e" and status["jobs"][0]["adaptive"]
+        assert proc.wait(timeout=150) == 0, harness.tail(tmp_path / "run.log")
+    finally:
+        harness.stop(proc)
+    rows = [r for r in harness.read_steps(out) if r["event"] == "step" and r["rank"] == 0]
+    rows.sort(key=lambda r: r["t"])
+    worlds = [r["world"] for r in rows]
+    changes = [(a, b) for a, b in zip(worlds, worlds[1:]) if a != b]
+    assert any(b > a for a, b in changes) and any(b < a for a, b in changes), changes
+    batches = {r["global_batch"] for r in rows}
+    assert len(batches) > 1, f"the global batch never changed: {batches}"
+    result = json.loads((out / "result.json").read_text())
+    counts = np.array(result["counts"])
+    assert counts.shape == (epochs, samples) and (counts == 1).all(), (
+        f"{int((counts == 0).sum())} samples lost, {int((counts > 1).sum())} counted twice")
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+    log = (tmp_path / "run.log").read_text()
+    assert "generation" in log and "job e2e: done" in log
+
+    # The same script with a fixed batch, alone: the adaptive model is as good.
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    ref = subprocess.run([sys.executable, str(harness.WORKER), "--samples", str(samples),
+                          "--batch", str(b0), "--epochs", str(epochs), "--lr", "0.05",
+                          "--out", str(fixed)], env=harness.base_env(), cwd=harness.REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_err = json.loads((fixed / "result.json").read_text())["w_err"]
+    # Expected loss on fresh data, 0.5 (|w - w*|^2 + sigma^2), sigma = 1: what a user measures.
+    loss, ref_loss = 0.5 * (result["w_err"] ** 2 + 1.0), 0.5 * (ref_err ** 2 + 1.0)
+    print(f"\nheld-out loss: adaptive {loss:.4f}, fixed batch {ref_loss:.4f} (floor 0.5); "
+          f"world changes {changes[:6]}, batches {sorted(batches)}")
+    assert loss < 1.03 * ref_loss
