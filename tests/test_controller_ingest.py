@@ -119,7 +119,7 @@ def test_bad_reports_rejected_while_another_job_keeps_going():
         assert sample(text, "adaptrun_local_batch_size", job="job-b") == 16
         assert sample(text, "adaptrun_learning_rate", job="job-b") == 0.05
         assert sample(text, "adaptrun_reports_total", job="job-b") == len(b_acks)
-        assert sample(text, "adaptrun_rejected_reports_total", job="job-b", reason="invalid") is None
+        assert sample(text, "adaptrun_rejected_reports_total", job="job-b", reason="invalid") == 0
         rej = {r: sample(text, "adaptrun_rejected_reports_total", job="job-a", reason=r)
                for r in ("invalid", "malformed", "oversize", "wrong_job", "unknown_job",
                          "rate_limited")}
