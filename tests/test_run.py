@@ -13,9 +13,12 @@ import sys
 import time
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
+from controller_support import register, report, send_reports
 
+from adaptrun import control_plane_pb2_grpc as pb_grpc
 from workers import harness
 
 METRICS = ["adaptrun_goodput", "adaptrun_throughput_examples_per_second",
@@ -48,13 +51,15 @@ def test_adaptrun_run_adapts_batch_and_workers_exactly_once(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     port, metrics_port = harness.free_port(), harness.free_port()
+    pace = tmp_path / "pace"          # seconds per step: slow until the resizes are seen
+    pace.write_text("0.05")
     cmd = [sys.executable, "-m", "adaptrun.cli", "run", "--job", "e2e", "--min-workers", "1",
            "--max-workers", "3", "--init-batch", str(b0), "--max-global-batch", "512",
            "--local-batch-min", "8", "--local-batch-max", "256", "--port", str(port),
            "--metrics-port", str(metrics_port), "--policy-interval-s", "2",
            "--log-dir", str(tmp_path / "logs"), "--plot", str(tmp_path / "timeline.png"),
            "--no-progress", "--", sys.executable, str(harness.WORKER), "--samples", str(samples),
-           "--batch", str(b0), "--epochs", str(epochs), "--lr", "0.05", "--step-sleep", "0.02",
+           "--batch", str(b0), "--epochs", str(epochs), "--lr", "0.05", "--pace-file", str(pace),
            "--out", str(out)]
     proc = harness.start(cmd, harness.base_env(), tmp_path / "run.log")
     controller = f"127.0.0.1:{port}"
@@ -69,6 +74,7 @@ def test_adaptrun_run_adapts_batch_and_workers_exactly_once(tmp_path):
         assert m["adaptrun_workers"] == 1 and m["adaptrun_workers_max"] == 3
         assert m["adaptrun_global_batch_size"] >= b0 and m["adaptrun_goodput"] > 0
 
+        _attack(controller)           # the job keeps training through all of it
         t_up = time.time()
         up = _cli("scale", "e2e", "--min-workers", "2", "--max-workers", "3",
                   "--controller", controller)
@@ -79,6 +85,10 @@ def test_adaptrun_run_adapts_batch_and_workers_exactly_once(tmp_path):
                     "--controller", controller)
         assert down.returncode == 0, down.stderr
         harness.wait_steps(out, lambda r: r["world"] == 1 and r["t"] > t_down, 10, 90, [proc])
+        # The noise scale grows as w nears w* (B_noise = n + 1 + n sigma^2 / |w - w*|^2):
+        # the policy grows the batch by itself.
+        harness.wait_steps(out, lambda r: r["global_batch"] > b0, 3, 90, [proc])
+        pace.write_text("0")
         status = json.loads(_cli("status", "--controller", controller, "--json").stdout)
         assert status["jobs"][0]["job_id"] == "e2e" and status["jobs"][0]["adaptive"]
         assert proc.wait(timeout=150) == 0, harness.tail(tmp_path / "run.log")
@@ -113,3 +123,28 @@ def test_adaptrun_run_adapts_batch_and_workers_exactly_once(tmp_path):
     print(f"\nheld-out loss: adaptive {loss:.4f}, fixed batch {ref_loss:.4f} (floor 0.5); "
           f"world changes {changes[:6]}, batches {sorted(batches)}")
     assert loss < 1.03 * ref_loss
+
+
+def _attack(controller: str) -> None:
+    """Bad input from a raw gRPC client while job e2e trains: each is rejected with a status
+    that says why."""
+    def rejected(fn):
+        with pytest.raises(grpc.RpcError) as info:
+            fn()
+        return info.value.code(), info.value.details()
+
+    with grpc.insecure_channel(controller) as ch:
+        stub = pb_grpc.ControllerStub(ch)
+        agent = register(stub, "intruder").agent_id
+        for bad, code, message in [
+                (report("intruder", step_time_s=float("nan")), grpc.StatusCode.INVALID_ARGUMENT,
+                 "step_time_s must be a finite number"),
+                (report("intruder", world_size=0), grpc.StatusCode.INVALID_ARGUMENT,
+                 "world_size must be >= 1"),
+                (report("e2e", init_batch=32), grpc.StatusCode.PERMISSION_DENIED,
+                 "report for job 'e2e' on a stream registered for job 'intruder'")]:
+            got, details = rejected(lambda: send_reports(stub, agent, [bad]))
+            assert got == code and message in details, (got, details)
+        got, details = rejected(lambda: send_reports(
+            stub, agent, [report("intruder", step=i) for i in range(1, 500)], timeout=20))
+        assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and "faster than" in details
