@@ -14,7 +14,9 @@ Semantics
   nonce at ``adaptrun/pg/leader``; every other rank answers under that nonce with its own nonce
   and waits for a welcome that only a live rank 0 can write (a stale leader never answers, so a
   rank that read one simply reads the key again). The process group then lives under
-  ``PrefixStore("adaptrun/pg/<nonce>/r<restart_count>/", store)``. Works unchanged when workers
+  ``PrefixStore("adaptrun/pg/<nonce>/", store)``: the nonce alone names the world. (Not the
+  restart count: after a failure the agents of one world can hand their workers different
+  counts, and ranks keyed by it would wait on different keys.) Works unchanged when workers
   get a store of their own per round (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``).
 - ``job_store()`` returns the unprefixed store, where directives live (see ``directive``).
 - Environment: ``ADAPTRUN_TIMEOUT_S`` (default 300) bounds every store wait and collective.
@@ -133,7 +135,7 @@ def init(backend: str | None = None, timeout_s_: float | None = None) -> WorldIn
     else:
         rank, world_size, local_rank, local_world_size, nodes = 0, 1, 0, 1, 1
         store = dist.HashStore()
-    prefix = f"{_agree_namespace(store, rank, world_size, timeout)}/r{restart_count}/"
+    prefix = f"{_agree_namespace(store, rank, world_size, timeout)}/"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

@@ -184,24 +184,30 @@ def test_grow_1_2_3_and_shrink_back_exactly_once(tmp_path):
 
 @pytest.mark.timeout(150)
 def test_sigkill_mid_epoch_restores_from_snapshot_under_plain_torchrun(tmp_path):
-    """torchrun as shipped (workers share the agent's store): a worker killed with SIGKILL;
-    the restarted workers build their group in a fresh store namespace, restore the newest
+    """torchrun as shipped (workers share the agent's store), two nodes of one worker each:
+    a worker killed with SIGKILL; both agents restart their workers (with restart counts
+    that may differ), which build their group in a fresh store namespace, restore the newest
     periodic snapshot and continue from its cursor; nothing is lost or counted twice."""
     samples, epochs = 3000, 2
     args = ["--samples", str(samples), "--batch", "32", "--epochs", str(epochs),
             "--step-sleep", "0.02", "--out", str(tmp_path)]
-    proc = harness.start(harness.torchrun("1", 2, harness.free_port(), "kill", args, max_restarts=2),
-                         harness.base_env(ADAPTRUN_SNAPSHOT_DIR=tmp_path / "snap",
-                                          ADAPTRUN_SNAPSHOT_EVERY=10), tmp_path / "log")
+    port = harness.free_port()
+    procs = [harness.start(harness.torchrun("2", 1, port, "kill", args, max_restarts=2),
+                           harness.base_env(ADAPTRUN_SNAPSHOT_DIR=tmp_path / f"snap{i}",
+                                            ADAPTRUN_SNAPSHOT_EVERY=10),
+                           tmp_path / f"node{i}.log") for i in range(2)]
     try:
-        harness.wait_steps(tmp_path, lambda r: r["rank"] == 1, 35, 60, [proc])
+        harness.wait_steps(tmp_path, lambda r: r["rank"] == 1, 35, 60, procs)
         pid = next(int(f.stem.split("-")[1]) for f in tmp_path.glob("steps-*.jsonl")
                    if '"rank": 1' in f.read_text())
         t_kill = time.time()
         os.kill(pid, signal.SIGKILL)
-        assert proc.wait(timeout=100) == 0, harness.tail(tmp_path / "log")
+        codes = [p.wait(timeout=100) for p in procs]
+        assert codes == [0, 0], harness.tail(tmp_path / "node0.log") + harness.tail(
+            tmp_path / "node1.log")
     finally:
-        harness.stop(proc)
+        for p in procs:
+            harness.stop(p)
     rows = harness.read_steps(tmp_path)
     killed_at = max(r["step"] for r in rows if r["event"] == "step" and r["t"] < t_kill)
     restarts = [r for r in rows if r["event"] == "start" and r["t"] > t_kill]
@@ -211,5 +217,6 @@ def test_sigkill_mid_epoch_restores_from_snapshot_under_plain_torchrun(tmp_path)
         assert killed_at - r["restored"] <= 10 + 1
     result = _assert_exactly_once(tmp_path, epochs, samples)
     assert result["step"] == epochs * -(-samples // 32)
+    first_after = min(r["t"] for r in rows if r["event"] == "step" and r["t"] > t_kill)
     print(f"\nSIGKILL: killed after step {killed_at}, restored step {restarts[0]['restored']}, "
-          f"gap {min(r['t'] for r in rows if r['event'] == 'step' and r['t'] > t_kill) - t_kill:.1f}s")
+          f"gap {first_after - t_kill:.1f}s")
