@@ -73,7 +73,16 @@ class StateRegistry:
         if self.restored is not None and name in self.restored["states"]:
             if name == "model":
                 self._check_model(obj)
-            obj.load_state_dict(self.restored["states"][name])
+            if name == "optimizer":
+                self._check_optimizer(obj)
+            try:
+                obj.load_state_dict(self.restored["states"][name])
+            except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+                raise SnapshotMismatchError(
+                    f"the snapshot {self.restored_from} does not fit {name!r} "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); delete it or set "
+                    "ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR to a fresh directory"
+                ) from None
 
     def _check_model(self, module) -> None:
         theirs = [tuple(x) if isinstance(x, list) else x for x in self.restored["fingerprint"]]
@@ -85,6 +94,19 @@ class StateRegistry:
                 f"({len(theirs)} tensors vs {len(mine)}, first difference at "
                 f"{next((a for a, b in zip(theirs, mine) if a != b), 'the end')}); delete it or "
                 "set ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR to a fresh directory")
+
+    def _check_optimizer(self, optimizer) -> None:
+        """torch loads any optimizer's state into any other and fails only at step(): compare
+        the hyper-parameter names of the param groups (lr, momentum, betas, ...) first."""
+        theirs = [sorted(k for k in g if k != "params")
+                  for g in self.restored["states"]["optimizer"].get("param_groups", [])]
+        mine = [sorted(k for k in g if k != "params") for g in optimizer.param_groups]
+        if theirs != mine:
+            raise SnapshotMismatchError(
+                f"the snapshot {self.restored_from} does not fit 'optimizer' (it was saved by "
+                f"an optimizer with param-group settings {theirs[:1]}, this one has "
+                f"{mine[:1]}); delete it or set ADAPTRUN_SNAPSHOT_DIR / "
+                "ADAPTRUN_CHECKPOINT_DIR to a fresh directory")
 
     def names(self) -> list[str]:
         return list(self._objects)

@@ -70,7 +70,8 @@ def test_snapshot_from_another_model(tmp_path):
         adaptrun.init()
         width = int(sys.argv[1]) if len(sys.argv) > 1 else 4
         model = torch.nn.Linear(width, 1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt = (torch.optim.Adam(model.parameters(), lr=0.1) if "adam" in sys.argv
+               else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
         model = adaptrun.AdaptiveDataParallel(model, opt)
         data = [(torch.randn(width), torch.randn(1)) for _ in range(16)]
         loader = adaptrun.AdaptiveDataLoader(data, batch_size=4)
@@ -92,6 +93,13 @@ def test_snapshot_from_another_model(tmp_path):
     assert "belongs to another model" in last
     assert last.endswith("delete it or set ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR to "
                          "a fresh directory")
+    # The same model with another optimizer: its state does not fit either.
+    out = subprocess.run([sys.executable, str(tmp_path / "case.py"), "4", "adam"],
+                         env=harness.base_env(**env), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    last = _error(out)
+    assert last.startswith("adaptrun.errors.SnapshotMismatchError: the snapshot "), last
+    assert "does not fit 'optimizer'" in last
 
 
 @pytest.mark.timeout(60)
