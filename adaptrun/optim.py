@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 from torch.optim import Optimizer

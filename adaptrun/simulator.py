@@ -173,7 +173,7 @@ def simulate_adaptive(w: Workload, gpus: int, epochs: int, gpus_per_node: int = 
     reason = "start at fixed-init"
     steps_to_report = first_report_steps
     while clock.progress < target:
-        start_t, start_p = clock.t, clock.progress
+        start_t = clock.t
         batch = cfg.global_batch
         a = min(cfg.local_batch, w.local_batch_range(cfg.replicas, gpus_per_node)[1])
         t_step, _, _ = clock.rate(cfg.replicas, a, cfg.accum_steps, batch, gpus_per_node)

@@ -161,6 +161,7 @@ async def _load(port, agents, opts, ready, go):
         step = 0
         call = None
         warmed = False
+        offset = 0.0          # this agent's phase in the pacing interval, set once warmed
         try:
             while True:
                 if call is None:

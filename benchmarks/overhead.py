@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 STEP_WORKER = REPO / "benchmarks" / "workers" / "step_worker.py"
 PLAIN_WORKER = REPO / "benchmarks" / "workers" / "plain_ddp.py"
 ADAPTIVE_WORKER = REPO / "tests" / "workers" / "lsq_worker.py"
+sys.path.insert(0, str(REPO / "tests"))
+from workers import harness  # noqa: E402  (free loopback ports, clean launcher env)
+
+free_port = harness.free_port
 TUNED_RDZV = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=60"
 
 CONFIGS = {
@@ -105,25 +108,11 @@ def _on_signal(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def base_env(**extra) -> dict:
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-              "TORCHELASTIC_USE_AGENT_STORE", "ADAPTRUN_REPORT_FILE",
-              "ADAPTRUN_CHECKPOINT_DIR", "ADAPTRUN_SNAPSHOT_DIR", "ADAPTRUN_SNAPSHOT_EVERY",
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
-        env.pop(k, None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    env["ADAPTRUN_TIMEOUT_S"] = "60"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    """The test harness's clean launcher environment, with this checkout on PYTHONPATH."""
+    return harness.base_env(ADAPTRUN_TIMEOUT_S=60,
+                            PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                            **extra)
 
 
 def start(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:

@@ -9,7 +9,6 @@ per second). Each controller owns a ``CollectorRegistry``, so several can live i
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest

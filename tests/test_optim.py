@@ -1,5 +1,4 @@
 """LARS and LAMB against updates worked out by hand or recomputed independently in numpy."""
-import copy
 import io
 import sys
 

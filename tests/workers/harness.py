@@ -28,7 +28,8 @@ def base_env(**extra) -> dict:
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
               "TORCHELASTIC_USE_AGENT_STORE", "ADAPTRUN_REPORT_FILE",
-              "ADAPTRUN_CHECKPOINT_DIR", "ADAPTRUN_SNAPSHOT_DIR"):
+              "ADAPTRUN_CHECKPOINT_DIR", "ADAPTRUN_SNAPSHOT_DIR", "ADAPTRUN_SNAPSHOT_EVERY",
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
         env.pop(k, None)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
