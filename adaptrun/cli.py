@@ -44,8 +44,8 @@ def simulate(trace_dir, gpus, gpus_per_node, resize_cost_s, policy_name, replica
     target under a policy, beside fixed-init and the best fixed configuration."""
     import json
 
-    from .simulator import run_simulation
-    from .traces import TraceError
+    from .simulation.simulator import run_simulation
+    from .simulation.traces import TraceError
 
     try:
         summary = run_simulation(trace_dir, gpus=gpus, gpus_per_node=gpus_per_node,
@@ -54,7 +54,7 @@ def simulate(trace_dir, gpus, gpus_per_node, resize_cost_s, policy_name, replica
     except (TraceError, ValueError) as exc:
         raise UsageProblem(str(exc)) from None
     if plot:
-        from .plotting import plot_simulation
+        from .simulation.plotting import plot_simulation
         plot_simulation(summary, plot)
     if as_json:
         click.echo(json.dumps(summary))
@@ -125,7 +125,7 @@ def _rpc_problem(exc, target: str) -> UsageProblem:
 def _controller_stub(target: str):
     import grpc
 
-    from adaptrun import control_plane_pb2_grpc as pb_grpc
+    from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
 
     channel = grpc.insecure_channel(target)
     return channel, pb_grpc.ControllerStub(channel)
@@ -190,7 +190,7 @@ def status_command(target, job_id, as_json, timeout_s):
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from adaptrun import control_plane_pb2 as pb
+    from adaptrun.generated import control_plane_pb2 as pb
 
     _controller_target(target)
     channel, stub = _controller_stub(target)
@@ -234,7 +234,7 @@ def scale_command(job_id, min_workers, max_workers, target, timeout_s):
     """Change a job's worker bounds at run time; the controller acts on them."""
     import grpc
 
-    from adaptrun import control_plane_pb2 as pb
+    from adaptrun.generated import control_plane_pb2 as pb
 
     _controller_target(target)
     if min_workers > max_workers:
@@ -490,7 +490,7 @@ def _run_summary(run, samples, decisions, code: int, plot: str) -> None:
         t.add_row(k, v)
     console.print(t)
     if plot and samples:
-        from .plotting import plot_run
+        from .simulation.plotting import plot_run
         plot_run([asdict(s) for s in samples], plot,
                  f"adaptrun run: job {run.config.job_id}, {len(decisions)} decisions")
         console.print(f"timeline plot: {plot}")

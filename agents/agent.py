@@ -7,7 +7,7 @@ What it does, in order
 2. Joins a round (``rendezvous.join_round``), starts the node's workers (``workers``) with
    torchrun's environment, and watches them: it relays rank 0's reports (a JSON-lines file
    it owns, ``ADAPTRUN_REPORT_FILE``) to the controller and writes the controller's
-   directives into the workers' store (``adaptrun.directive``).
+   directives into the workers' store (``adaptrun.worker.directive``).
 3. Ends the round when the workers end it:
    - all exited 0: the job is done, the agent exits 0;
    - a planned re-form (workers saved at an agreed step and exited 75): it joins the round of
@@ -51,8 +51,8 @@ import torch.distributed as dist
 from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError,
                                                       RendezvousGracefulExitError)
 
-from adaptrun.directive import PLANNED_EXIT_CODE, STATUS_KEY, Directive, write_directive
-from adaptrun.report import Report
+from adaptrun.worker.directive import PLANNED_EXIT_CODE, STATUS_KEY, Directive, write_directive
+from adaptrun.science.report import Report
 
 from .controller_client import ControllerClient, JobBoundsSpec
 from .rendezvous import (RendezvousConf, RoundSpec, connect_store, end_round, fast_polling,

@@ -26,9 +26,9 @@ from typing import Callable
 
 import grpc
 
-from adaptrun import control_plane_pb2 as pb
-from adaptrun import control_plane_pb2_grpc as pb_grpc
-from adaptrun.report import Report
+from adaptrun.generated import control_plane_pb2 as pb
+from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
+from adaptrun.science.report import Report
 
 __all__ = ["ControllerClient", "JobBoundsSpec", "report_to_proto"]
 

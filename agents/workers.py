@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from adaptrun.directive import PLANNED_EXIT_CODE
+from adaptrun.worker.directive import PLANNED_EXIT_CODE
 
 __all__ = ["Outcome", "WorkerSpec", "WorkerGroup", "WarmWorker", "spawn_spares"]
 

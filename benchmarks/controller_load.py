@@ -16,7 +16,7 @@ What runs (all on 127.0.0.1, ports picked by the OS):
 * ``--load-procs`` load generators (multiprocessing, grpc.aio): each simulated agent
   registers (job ``job-J``, node ``node-N``; ``--jobs`` jobs, agents spread round-robin over
   them), opens its own channel (own TCP connection, like a real agent) and one StreamReports
-  stream, and sends valid reports built from ``adaptrun.report.Report`` with
+  stream, and sends valid reports built from ``adaptrun.science.report.Report`` with
   ``report_to_proto``. Latency is send -> matching ReportAck (same step), one report in flight
   per agent. ``--interval-s 0`` (default) sends the next report as soon as the ack arrives:
   a closed loop that measures what the controller can ingest; ``--interval-s 2`` paces each
@@ -112,10 +112,10 @@ def load_main(idx: int, port: int, agents: list[tuple[int, str, str]], opts: dic
 async def _load(port, agents, opts, ready, go):
     import grpc
 
-    from adaptrun import control_plane_pb2 as pb
-    from adaptrun import control_plane_pb2_grpc as pb_grpc
+    from adaptrun.generated import control_plane_pb2 as pb
+    from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
     from adaptrun.agents.controller_client import report_to_proto
-    from adaptrun.report import Report
+    from adaptrun.science.report import Report
 
     target = f"{HOST}:{port}"
     interval = opts["interval_s"]
@@ -254,8 +254,8 @@ async def _load(port, agents, opts, ready, go):
 def controller_totals(port: int) -> tuple[int, int]:
     import grpc
 
-    from adaptrun import control_plane_pb2 as pb
-    from adaptrun import control_plane_pb2_grpc as pb_grpc
+    from adaptrun.generated import control_plane_pb2 as pb
+    from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(f"{HOST}:{port}") as ch:
         jobs = pb_grpc.ControllerStub(ch).ListJobs(pb.ListJobsRequest(), timeout=30).jobs

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from adaptrun.simulator import best_fixed, fixed_init, fixed_time, simulate_adaptive
-from adaptrun.traces import DEFAULT_EPOCHS, bundled_trace_dir, load_workload
+from adaptrun.simulation.simulator import best_fixed, fixed_init, fixed_time, simulate_adaptive
+from adaptrun.simulation.traces import DEFAULT_EPOCHS, bundled_trace_dir, load_workload
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from adaptrun.policy import BoundsError, Config, Decision, Policy
+from adaptrun.science.policy import BoundsError, Config, Decision, Policy
 
 from .actuator import Actuator, ActuatorError
 from .metrics import Metrics, report_figures

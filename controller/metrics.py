@@ -4,7 +4,7 @@ on its own port.
 
 Gauges follow the last accepted report of the job; throughput is examples per second
 (global_batch / step_time_s), statistical efficiency is E(B) = (B_noise + B0)/(B_noise + B)
-from ``adaptrun.efficiency``, and goodput = throughput x efficiency (B0-equivalent examples
+from ``adaptrun.science.efficiency``, and goodput = throughput x efficiency (B0-equivalent examples
 per second). Each controller owns a ``CollectorRegistry``, so several can live in one process.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from adaptrun.efficiency import efficiency
-from adaptrun.report import Report
+from adaptrun.science.efficiency import efficiency
+from adaptrun.science.report import Report
 
 from .validation import REASONS
 

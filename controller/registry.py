@@ -14,8 +14,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from adaptrun.policy import JobBounds, Policy
-from adaptrun.report import Report
+from adaptrun.science.policy import JobBounds, Policy
+from adaptrun.science.report import Report
 
 from .ratelimit import TokenBucket
 

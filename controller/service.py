@@ -14,7 +14,7 @@ import threading
 
 import grpc
 
-from adaptrun import control_plane_pb2 as pb
+from adaptrun.generated import control_plane_pb2 as pb
 
 from .core import ControllerCore
 from .registry import Directive, Job

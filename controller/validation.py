@@ -21,9 +21,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from adaptrun import control_plane_pb2 as pb
-from adaptrun.policy import BoundsError, JobBounds
-from adaptrun.report import Report, ReportError
+from adaptrun.generated import control_plane_pb2 as pb
+from adaptrun.science.policy import BoundsError, JobBounds
+from adaptrun.science.report import Report, ReportError
 
 __all__ = ["Rejection", "REASONS", "parse_report", "parse_message", "Malformed",
            "report_from_proto", "check_job_id", "bounds_from_proto", "bounds_to_proto",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import adaptrun
-import adaptrun.scaling
+import adaptrun.science.scaling
 
 
 class Spirals(torch.utils.data.Dataset):
@@ -64,7 +64,7 @@ def main() -> None:
                           nn.Linear(128, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     model = adaptrun.AdaptiveDataParallel(
-        model, optimizer, scaling_rule=adaptrun.scaling.LinearScale(warmup_steps=50))
+        model, optimizer, scaling_rule=adaptrun.science.scaling.LinearScale(warmup_steps=50))
     loader = adaptrun.AdaptiveDataLoader(train, batch_size=args.batch, shuffle=True,
                                          seed=args.seed)
     if not args.fixed_batch:

@@ -7,8 +7,8 @@ import urllib.request
 
 import grpc
 
-from adaptrun import control_plane_pb2 as pb
-from adaptrun import control_plane_pb2_grpc as pb_grpc
+from adaptrun.generated import control_plane_pb2 as pb
+from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
 from adaptrun.controller.core import ControllerConfig
 from adaptrun.controller.local_actuator import LocalActuator
 from adaptrun.controller.server import Controller

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from adaptrun import control_plane_pb2 as pb
+from adaptrun.generated import control_plane_pb2 as pb
 from adaptrun.controller.core import ControllerConfig
 from adaptrun.controller.local_actuator import LocalActuator
 from adaptrun.controller.server import Controller

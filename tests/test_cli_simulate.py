@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from adaptrun.traces import bundled_trace_dir
+from adaptrun.simulation.traces import bundled_trace_dir
 
 
 def run(*args, timeout=120):

@@ -10,7 +10,7 @@ import sys
 import grpc
 import pytest
 
-from adaptrun import control_plane_pb2_grpc as pb_grpc
+from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
 from controller_support import register, report, send_reports
 
 CLI = [sys.executable, "-m", "adaptrun.cli"]

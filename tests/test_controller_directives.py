@@ -8,12 +8,12 @@ import time
 import grpc
 import pytest
 
-from adaptrun import control_plane_pb2 as pb
+from adaptrun.generated import control_plane_pb2 as pb
 from adaptrun.agents.controller_client import ControllerClient, JobBoundsSpec
 from adaptrun.controller.core import ControllerConfig
 from adaptrun.controller.server import Controller
-from adaptrun.policy import Config
-from adaptrun.report import Report
+from adaptrun.science.policy import Config
+from adaptrun.science.report import Report
 from controller_support import (channel_to, register, report, running_controller, send_reports)
 
 

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from adaptrun import control_plane_pb2 as pb
+from adaptrun.generated import control_plane_pb2 as pb
 from controller_support import (AGENT, BOUNDS, channel_to, raw_report_stream, register, report,
                                 running_controller, sample, scrape, send_reports)
 

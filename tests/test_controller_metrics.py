@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 
-from adaptrun.efficiency import efficiency
+from adaptrun.science.efficiency import efficiency
 from controller_support import (channel_to, register, report, running_controller, sample, scrape,
                                 send_reports)
 

@@ -15,17 +15,18 @@ GENERATED = ("control_plane_pb2.py", "control_plane_pb2.pyi", "control_plane_pb2
 @pytest.mark.timeout(60)
 def test_generated_code_matches_proto(tmp_path):
     pytest.importorskip("grpc_tools")
-    # The same command as in the .proto header: "adaptrun=" maps the file into the adaptrun
-    # package, so protoc writes `from adaptrun import control_plane_pb2`.
+    # The same command as in the .proto header: the mapping puts the file in the
+    # adaptrun.generated package, so protoc writes `from adaptrun.generated import ...`.
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc",
-                    f"-Iadaptrun={ROOT / 'proto/adaptrun/v1'}", f"--python_out={tmp_path}",
-                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-                    "adaptrun/control_plane.proto"], check=True, cwd=ROOT)
+                    f"-Iadaptrun/generated={ROOT / 'proto/adaptrun/v1'}",
+                    f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
+                    f"--grpc_python_out={tmp_path}", "adaptrun/generated/control_plane.proto"],
+                   check=True, cwd=ROOT)
     for name in GENERATED:
-        fresh = (tmp_path / "adaptrun" / name).read_text()
-        committed = (ROOT / "adaptrun" / name).read_text()
+        fresh = (tmp_path / "adaptrun" / "generated" / name).read_text()
+        committed = (ROOT / "adaptrun" / "generated" / name).read_text()
         assert fresh == committed, (
-            f"adaptrun/{name} is stale: regenerate it with the command in "
+            f"adaptrun/generated/{name} is stale: regenerate it with the command in "
             f"proto/adaptrun/v1/control_plane.proto")
 
 
@@ -41,7 +42,7 @@ def test_no_runtime_import_of_grpc_tools():
 def test_report_message_has_the_report_fields():
     from dataclasses import fields
 
-    from adaptrun import control_plane_pb2 as pb
-    from adaptrun.report import Report
+    from adaptrun.generated import control_plane_pb2 as pb
+    from adaptrun.science.report import Report
 
     assert [f.name for f in pb.Report.DESCRIPTOR.fields] == [f.name for f in fields(Report)]

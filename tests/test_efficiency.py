@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptrun.efficiency import efficiency, gain, goodput, noise_scale
+from adaptrun.science.efficiency import efficiency, gain, goodput, noise_scale
 
 
 def test_gain_by_hand():

@@ -7,7 +7,7 @@ E[g] = d, so |G|^2 = |d|^2, and tr(Sigma) = (n + 1)|d|^2 + n sigma^2.
 import numpy as np
 import pytest
 
-from adaptrun.gns import GNSState, grad_var_at, precondition, unbiased_estimates
+from adaptrun.science.gns import GNSState, grad_var_at, precondition, unbiased_estimates
 
 N_DIM, SIGMA = 10, 0.5
 

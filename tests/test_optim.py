@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptrun.optim import LAMB, LARS
+from adaptrun.worker.optim import LAMB, LARS
 
 # A 2-tensor model: a weight matrix and a bias vector, with fixed gradients per step.
 W0 = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]])
@@ -400,9 +400,9 @@ def test_works_on_float32_module_with_backward():
 def test_package_attribute_import(monkeypatch):
     # adaptrun/__init__.py imports unknown attributes as submodules; check it from scratch.
     import adaptrun
-    monkeypatch.delitem(sys.modules, "adaptrun.optim")
+    monkeypatch.delitem(sys.modules, "adaptrun.worker.optim")
     monkeypatch.delattr(adaptrun, "optim")
-    module = adaptrun.optim
-    assert module is sys.modules["adaptrun.optim"]
+    module = adaptrun.worker.optim
+    assert module is sys.modules["adaptrun.worker.optim"]
     assert issubclass(module.LARS, torch.optim.Optimizer)
     assert issubclass(module.LAMB, torch.optim.Optimizer)

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from adaptrun.policy import BoundsError, Config, Decision, JobBounds, Policy
-from adaptrun.report import Report, ReportError
-from adaptrun.throughput import ThroughputParams, step_time
+from adaptrun.science.policy import BoundsError, Config, Decision, JobBounds, Policy
+from adaptrun.science.report import Report, ReportError
+from adaptrun.science.throughput import ThroughputParams, step_time
 
 # A synthetic cluster the tests know exactly: 4 slots per node, sync dearer across nodes.
 TRUTH = ThroughputParams(0.02, 0.0005, 0.005, 0.0005, 0.05, 0.002, 2.0)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from controller_support import register, report, send_reports
 
-from adaptrun import control_plane_pb2_grpc as pb_grpc
+from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
 from workers import harness
 
 METRICS = ["adaptrun_goodput", "adaptrun_throughput_examples_per_second",

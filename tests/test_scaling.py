@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from adaptrun.scaling import (AdaScale, LinearScale, NoScale, SqrtScale, linear_ramp,
+from adaptrun.science.scaling import (AdaScale, LinearScale, NoScale, SqrtScale, linear_ramp,
                               rule_by_name, scale_ema_momentum)
 
 

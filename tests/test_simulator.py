@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from adaptrun.simulator import (best_fixed, fixed_init, fixed_time, simulate_adaptive,
+from adaptrun.simulation.simulator import (best_fixed, fixed_init, fixed_time, simulate_adaptive,
                                 simulate_fixed)
-from adaptrun.traces import (DEFAULT_EPOCHS, TraceError, bundled_trace_dir, load_workload,
+from adaptrun.simulation.traces import (DEFAULT_EPOCHS, TraceError, bundled_trace_dir, load_workload,
                              packed_placement)
 
 CIFAR = bundled_trace_dir("cifar10")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from adaptrun.throughput import ThroughputParams, ThroughputSample, fit, prior_params, step_time
-from adaptrun.traces import bundled_trace_dir, load_workload
+from adaptrun.science.throughput import ThroughputParams, ThroughputSample, fit, prior_params, step_time
+from adaptrun.simulation.traces import bundled_trace_dir, load_workload
 
 
 def _samples(w, placements):

@@ -85,7 +85,7 @@ def test_directive_is_applied_at_the_same_step_on_every_rank(tmp_path):
     (batch x4) over its warmup; the loss keeps falling."""
     import torch.distributed as dist
 
-    from adaptrun.directive import Directive, read_applied, write_directive
+    from adaptrun.worker.directive import Directive, read_applied, write_directive
 
     warmup = 10
     args = ["--samples", "20000", "--batch", "32", "--epochs", "1", "--lr", "0.02",

@@ -31,7 +31,7 @@ def _error(out: subprocess.CompletedProcess) -> str:
 @pytest.mark.timeout(60)
 def test_loader_before_init(tmp_path):
     out = _run("adaptrun.AdaptiveDataLoader(list(range(10)), batch_size=2)\n", tmp_path)
-    assert _error(out) == ("adaptrun.errors.NotInitializedError: AdaptiveDataLoader needs the "
+    assert _error(out) == ("adaptrun.worker.errors.NotInitializedError: AdaptiveDataLoader needs the "
                            "process group: call adaptrun.init() first, at the top of the script")
 
 
@@ -89,7 +89,7 @@ def test_snapshot_from_another_model(tmp_path):
                          env=harness.base_env(**env), cwd=tmp_path, capture_output=True,
                          text=True, timeout=60)
     last = _error(out)
-    assert last.startswith("adaptrun.errors.SnapshotMismatchError: the snapshot ")
+    assert last.startswith("adaptrun.worker.errors.SnapshotMismatchError: the snapshot ")
     assert "belongs to another model" in last
     assert last.endswith("delete it or set ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR to "
                          "a fresh directory")
@@ -98,7 +98,7 @@ def test_snapshot_from_another_model(tmp_path):
                          env=harness.base_env(**env), cwd=tmp_path, capture_output=True,
                          text=True, timeout=60)
     last = _error(out)
-    assert last.startswith("adaptrun.errors.SnapshotMismatchError: the snapshot "), last
+    assert last.startswith("adaptrun.worker.errors.SnapshotMismatchError: the snapshot "), last
     assert "does not fit 'optimizer'" in last
 
 
@@ -108,6 +108,6 @@ def test_register_state_needs_state_dict(tmp_path):
         adaptrun.init()
         adaptrun.register_state("counter", object())
     """, tmp_path)
-    assert _error(out) == ("adaptrun.errors.StateRegistryError: register_state('counter', ...): "
+    assert _error(out) == ("adaptrun.worker.errors.StateRegistryError: register_state('counter', ...): "
                            "the object needs state_dict() and load_state_dict(); wrap it in a "
                            "small class that has both")

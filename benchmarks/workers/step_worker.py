@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import adaptrun
-import adaptrun.scaling
-from adaptrun.directive import Directive, write_directive
-from adaptrun.distributed import job_store
+import adaptrun.science.scaling
+from adaptrun.worker.directive import Directive, write_directive
+from adaptrun.worker.distributed import job_store
 
 DIM, CLASSES = 1024, 16
 
@@ -99,7 +99,7 @@ def main() -> None:
     a_model = copy.deepcopy(base)
     a_opt = make_opt(a_model.parameters(), args.opt, 0.05)
     a_ddp = adaptrun.AdaptiveDataParallel(
-        a_model, a_opt, scaling_rule=adaptrun.scaling.LinearScale(warmup_steps=10))
+        a_model, a_opt, scaling_rule=adaptrun.science.scaling.LinearScale(warmup_steps=10))
     a_loader = adaptrun.AdaptiveDataLoader(data, batch_size=args.batch, shuffle=True,
                                            collate_fn=identity)
     a_loader.autoscale_batch_size(args.batch, accumulation=True)

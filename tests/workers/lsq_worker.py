@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import adaptrun
-import adaptrun.scaling
+import adaptrun.science.scaling
 
 
 class LsqData:
@@ -80,7 +80,7 @@ def main() -> None:
     init = torch.ones(args.dim, dtype=torch.float64) / args.dim ** 0.5  # |d| = 1
     model = Model(args.dim, args.epochs, args.samples, init)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
-    rule = adaptrun.scaling.rule_by_name(args.rule, args.warmup)
+    rule = adaptrun.science.scaling.rule_by_name(args.rule, args.warmup)
     model = adaptrun.AdaptiveDataParallel(model, opt, scaling_rule=rule,
                                           gns_decay=args.gns_decay, report_every_steps=5)
     loader = adaptrun.AdaptiveDataLoader(data, batch_size=args.batch, shuffle=True,
@@ -88,7 +88,7 @@ def main() -> None:
     loader.autoscale_batch_size(args.samples, accumulation=True)
     restored = adaptrun.restored_step()
     if args.accum and world.rank == 0 and restored is None:
-        from adaptrun.distributed import job_store
+        from adaptrun.worker.distributed import job_store
         adaptrun.write_directive(job_store(), adaptrun.Directive(
             generation=1, global_batch=args.batch, accum_steps=args.accum, reason="--accum"))
     log_path = os.path.join(out, f"steps-{os.getpid()}.jsonl") if out else None

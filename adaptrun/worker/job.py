@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass
 import torch.distributed as dist
 
 from . import checkpoint, directive
+from . import distributed
 from .distributed import WorldInfo
 from .errors import NotInitializedError
 from .state import RNGState, StateRegistry, encode, exchange_newest
 
-__all__ = ["Job", "JobState", "current", "register_state", "on_world_formed"]
+__all__ = ["init", "Job", "JobState", "current", "register_state", "on_world_formed"]
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Job:
             self.registry.restored, self.registry.restored_from = found
             self.restored_step = int(found[0]["step"])
             self.last_snapshot_step = self.restored_step
-        self.registry.register("adaptrun.job", self.state)
+        self.registry.register("adaptrun.worker.job", self.state)
         self.registry.register("adaptrun.rng", RNGState())
 
     # ---- step boundary -------------------------------------------------------------
@@ -101,15 +102,14 @@ class Job:
     def planned_exit(self) -> None:
         if self.world.world_size > 1:
             dist.barrier()            # every node's snapshot is on disk before anyone leaves
-        from .distributed import job_store, shutdown
-        store = job_store()
+        store = distributed.job_store()
         if self.world.rank == 0 and store is not None:
             try:
                 store.set(directive.STATUS_KEY, json.dumps(
                     {"step": self.state.step, "epoch": self.state.epoch, "exited": True}))
             except Exception:
                 pass
-        shutdown()
+        distributed.shutdown()
         sys.stdout.flush()
         raise SystemExit(directive.PLANNED_EXIT_CODE)
 
@@ -140,6 +140,17 @@ class Job:
 
 
 _job: Job | None = None
+
+
+def init(backend: str | None = None, timeout_s: float | None = None) -> WorldInfo:
+    """``adaptrun.init()``: form this worker's world (``distributed.form_world``: the launcher's
+    environment, or a world of one alone) and restore the job's newest state into it.
+    Idempotent; returns who this worker is."""
+    if distributed.is_initialized() and _job is not None:
+        return distributed.world()
+    world = distributed.form_world(backend, timeout_s)
+    on_world_formed(world)
+    return world
 
 
 def on_world_formed(world: WorldInfo) -> Job:

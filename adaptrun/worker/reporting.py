@@ -11,7 +11,7 @@ import json
 import os
 from typing import Callable
 
-from .report import Report
+from ..science.report import Report
 
 __all__ = ["add_report_sink", "remove_report_sink", "emit", "JsonLinesSink"]
 

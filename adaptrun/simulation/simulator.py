@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .efficiency import efficiency, gain
-from .policy import Config, JobBounds, Policy
-from .report import Report
+from ..science.efficiency import efficiency, gain
+from ..science.policy import Config, JobBounds, Policy
+from ..science.report import Report
 from .traces import TraceError, Workload
 
 __all__ = ["SimResult", "Segment", "fixed_time", "fixed_init", "best_fixed", "simulate_fixed",

@@ -1,8 +1,9 @@
-"""``init()``: the process group of one worker, from the launcher's environment.
+"""``form_world()``: the process group of one worker, from the launcher's environment
+(``adaptrun.init()``, in ``job``, forms it and then creates the job context on top).
 
 Semantics
 - Under a launcher (torchrun or adaptrun's agent: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
-  ``MASTER_PORT`` set) ``init()`` joins the job's c10d store and builds a process group over it:
+  ``MASTER_PORT`` set) ``form_world()`` joins the job's c10d store and builds a process group over it:
   gloo on CPU, nccl when CUDA is available (``backend=`` overrides). With no launcher it builds a
   world of one over an in-process store, so the same script runs alone.
 - Stale keys can never be read. torch 2.13's agent lets the workers of every rendezvous round
@@ -34,7 +35,7 @@ import torch.distributed as dist
 
 from .errors import NotInitializedError
 
-__all__ = ["WorldInfo", "init", "is_initialized", "world", "job_store", "shutdown"]
+__all__ = ["WorldInfo", "form_world", "is_initialized", "world", "job_store", "shutdown"]
 
 LEADER_KEY = "adaptrun/pg/leader"
 
@@ -115,7 +116,7 @@ def _agree_namespace(store, rank: int, world_size: int, timeout: float) -> str:
         time.sleep(0.01)
 
 
-def init(backend: str | None = None, timeout_s_: float | None = None) -> WorldInfo:
+def form_world(backend: str | None = None, timeout_s_: float | None = None) -> WorldInfo:
     """Build this worker's process group (idempotent); return who it is."""
     global _world, _store
     if _world is not None:
@@ -147,8 +148,6 @@ def init(backend: str | None = None, timeout_s_: float | None = None) -> WorldIn
                        restart_count=restart_count,
                        run_id=os.environ.get("TORCHELASTIC_RUN_ID", "local"), backend=backend,
                        launched=launched, pg_prefix=prefix, timeout_s=timeout)
-    from . import job  # the job context restores state as soon as the group exists
-    job.on_world_formed(_world)
     return _world
 
 

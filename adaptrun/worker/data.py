@@ -55,7 +55,7 @@ class AdaptiveDataLoader:
         self.is_step_end = True
         self.micro_index = 0
         self._in_flight: StepPlan | None = None
-        self._job.registry.register("adaptrun.sampler", self.state)
+        self._job.registry.register("adaptrun.worker.sampler", self.state)
         self._job.loader = self
 
     # ---- configuration -------------------------------------------------------------

@@ -32,10 +32,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import directive as directive_mod
-from . import distributed, efficiency, job, reporting
-from .gns import GNSState, unbiased_estimates
-from .report import Report
-from .scaling import AdaScale, ScalingRule
+from . import distributed, job, reporting
+from ..science import efficiency
+from ..science.gns import GNSState, unbiased_estimates
+from ..science.report import Report
+from ..science.scaling import AdaScale, ScalingRule
 
 __all__ = ["AdaptiveDataParallel"]
 
@@ -90,7 +91,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         reg.register("optimizer", optimizer)
         if lr_scheduler is not None:
             reg.register("lr_scheduler", lr_scheduler)
-        reg.register("adaptrun.parallel", self._State(self))
+        reg.register("adaptrun.worker.parallel", self._State(self))
         self._job.parallel = self
 
     def _wrap_optimizer(self, optimizer) -> None:

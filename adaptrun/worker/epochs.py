@@ -1,6 +1,6 @@
 """``remaining_epochs(n)``: the epochs still to run, resuming at the restored one.
 
-The current epoch is part of the job state (``adaptrun.job`` in every snapshot). The
+The current epoch is part of the job state (``adaptrun.worker.job`` in every snapshot). The
 generator yields the epoch number from there; when the caller's loop body returns (the loader
 was exhausted) the epoch counts as done. After the last epoch the job is finished: node-local
 snapshots are removed and, when ``ADAPTRUN_CHECKPOINT_DIR`` is set, a final snapshot marks the

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from adaptrun import control_plane_pb2 as adaptrun_dot_control__plane__pb2
+from adaptrun.generated import control_plane_pb2 as adaptrun_dot_generated_dot_control__plane__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in adaptrun/control_plane_pb2_grpc.py depends on'
+        + ' but the generated code in adaptrun/generated/control_plane_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class ControllerStub:
         """
         self.Register = channel.unary_unary(
                 '/adaptrun.v1.Controller/Register',
-                request_serializer=adaptrun_dot_control__plane__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=adaptrun_dot_control__plane__pb2.RegisterResponse.FromString,
+                request_serializer=adaptrun_dot_generated_dot_control__plane__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.RegisterResponse.FromString,
                 _registered_method=True)
         self.StreamReports = channel.stream_stream(
                 '/adaptrun.v1.Controller/StreamReports',
-                request_serializer=adaptrun_dot_control__plane__pb2.Report.SerializeToString,
-                response_deserializer=adaptrun_dot_control__plane__pb2.ReportAck.FromString,
+                request_serializer=adaptrun_dot_generated_dot_control__plane__pb2.Report.SerializeToString,
+                response_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.ReportAck.FromString,
                 _registered_method=True)
         self.WatchDirectives = channel.unary_stream(
                 '/adaptrun.v1.Controller/WatchDirectives',
-                request_serializer=adaptrun_dot_control__plane__pb2.WatchDirectivesRequest.SerializeToString,
-                response_deserializer=adaptrun_dot_control__plane__pb2.Directive.FromString,
+                request_serializer=adaptrun_dot_generated_dot_control__plane__pb2.WatchDirectivesRequest.SerializeToString,
+                response_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.Directive.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/adaptrun.v1.Controller/ListJobs',
-                request_serializer=adaptrun_dot_control__plane__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=adaptrun_dot_control__plane__pb2.ListJobsResponse.FromString,
+                request_serializer=adaptrun_dot_generated_dot_control__plane__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.SetBounds = channel.unary_unary(
                 '/adaptrun.v1.Controller/SetBounds',
-                request_serializer=adaptrun_dot_control__plane__pb2.SetBoundsRequest.SerializeToString,
-                response_deserializer=adaptrun_dot_control__plane__pb2.JobStatus.FromString,
+                request_serializer=adaptrun_dot_generated_dot_control__plane__pb2.SetBoundsRequest.SerializeToString,
+                response_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.JobStatus.FromString,
                 _registered_method=True)
 
 
@@ -104,28 +104,28 @@ def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=adaptrun_dot_control__plane__pb2.RegisterRequest.FromString,
-                    response_serializer=adaptrun_dot_control__plane__pb2.RegisterResponse.SerializeToString,
+                    request_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.RegisterRequest.FromString,
+                    response_serializer=adaptrun_dot_generated_dot_control__plane__pb2.RegisterResponse.SerializeToString,
             ),
             'StreamReports': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamReports,
-                    request_deserializer=adaptrun_dot_control__plane__pb2.Report.FromString,
-                    response_serializer=adaptrun_dot_control__plane__pb2.ReportAck.SerializeToString,
+                    request_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.Report.FromString,
+                    response_serializer=adaptrun_dot_generated_dot_control__plane__pb2.ReportAck.SerializeToString,
             ),
             'WatchDirectives': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchDirectives,
-                    request_deserializer=adaptrun_dot_control__plane__pb2.WatchDirectivesRequest.FromString,
-                    response_serializer=adaptrun_dot_control__plane__pb2.Directive.SerializeToString,
+                    request_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.WatchDirectivesRequest.FromString,
+                    response_serializer=adaptrun_dot_generated_dot_control__plane__pb2.Directive.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
-                    request_deserializer=adaptrun_dot_control__plane__pb2.ListJobsRequest.FromString,
-                    response_serializer=adaptrun_dot_control__plane__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.ListJobsRequest.FromString,
+                    response_serializer=adaptrun_dot_generated_dot_control__plane__pb2.ListJobsResponse.SerializeToString,
             ),
             'SetBounds': grpc.unary_unary_rpc_method_handler(
                     servicer.SetBounds,
-                    request_deserializer=adaptrun_dot_control__plane__pb2.SetBoundsRequest.FromString,
-                    response_serializer=adaptrun_dot_control__plane__pb2.JobStatus.SerializeToString,
+                    request_deserializer=adaptrun_dot_generated_dot_control__plane__pb2.SetBoundsRequest.FromString,
+                    response_serializer=adaptrun_dot_generated_dot_control__plane__pb2.JobStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -153,8 +153,8 @@ class Controller:
             request,
             target,
             '/adaptrun.v1.Controller/Register',
-            adaptrun_dot_control__plane__pb2.RegisterRequest.SerializeToString,
-            adaptrun_dot_control__plane__pb2.RegisterResponse.FromString,
+            adaptrun_dot_generated_dot_control__plane__pb2.RegisterRequest.SerializeToString,
+            adaptrun_dot_generated_dot_control__plane__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -180,8 +180,8 @@ class Controller:
             request_iterator,
             target,
             '/adaptrun.v1.Controller/StreamReports',
-            adaptrun_dot_control__plane__pb2.Report.SerializeToString,
-            adaptrun_dot_control__plane__pb2.ReportAck.FromString,
+            adaptrun_dot_generated_dot_control__plane__pb2.Report.SerializeToString,
+            adaptrun_dot_generated_dot_control__plane__pb2.ReportAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -207,8 +207,8 @@ class Controller:
             request,
             target,
             '/adaptrun.v1.Controller/WatchDirectives',
-            adaptrun_dot_control__plane__pb2.WatchDirectivesRequest.SerializeToString,
-            adaptrun_dot_control__plane__pb2.Directive.FromString,
+            adaptrun_dot_generated_dot_control__plane__pb2.WatchDirectivesRequest.SerializeToString,
+            adaptrun_dot_generated_dot_control__plane__pb2.Directive.FromString,
             options,
             channel_credentials,
             insecure,
@@ -234,8 +234,8 @@ class Controller:
             request,
             target,
             '/adaptrun.v1.Controller/ListJobs',
-            adaptrun_dot_control__plane__pb2.ListJobsRequest.SerializeToString,
-            adaptrun_dot_control__plane__pb2.ListJobsResponse.FromString,
+            adaptrun_dot_generated_dot_control__plane__pb2.ListJobsRequest.SerializeToString,
+            adaptrun_dot_generated_dot_control__plane__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -261,8 +261,8 @@ class Controller:
             request,
             target,
             '/adaptrun.v1.Controller/SetBounds',
-            adaptrun_dot_control__plane__pb2.SetBoundsRequest.SerializeToString,
-            adaptrun_dot_control__plane__pb2.JobStatus.FromString,
+            adaptrun_dot_generated_dot_control__plane__pb2.SetBoundsRequest.SerializeToString,
+            adaptrun_dot_generated_dot_control__plane__pb2.JobStatus.FromString,
             options,
             channel_credentials,
             insecure,

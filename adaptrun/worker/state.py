@@ -4,9 +4,9 @@ Semantics
 - ``register_state(name, obj)`` adds anything with ``state_dict``/``load_state_dict`` to what
   is saved and restored. If the job restored a snapshot holding ``name``, the object is loaded
   at once, so registration order does not matter. The library itself registers ``model``,
-  ``optimizer``, ``lr_scheduler`` (when given), ``adaptrun.parallel`` (step, progress, GNS
-  averages, scaling-rule ramp, directive generation), ``adaptrun.sampler`` (epoch, cursor,
-  batch configuration), ``adaptrun.epochs`` and ``adaptrun.rng`` (torch/numpy/python RNG of
+  ``optimizer``, ``lr_scheduler`` (when given), ``adaptrun.worker.parallel`` (step, progress, GNS
+  averages, scaling-rule ramp, directive generation), ``adaptrun.worker.sampler`` (epoch, cursor,
+  batch configuration), ``adaptrun.worker.epochs`` and ``adaptrun.rng`` (torch/numpy/python RNG of
   the saving rank).
 - ``encode``/``decode`` turn the registry into snapshot bytes and back; a snapshot carries the
   model's fingerprint (parameter names and shapes) and restoring one taken from another model

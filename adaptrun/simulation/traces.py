@@ -42,7 +42,7 @@ class TraceError(ValueError):
 
 def bundled_trace_dir(name: str | None = None) -> Path:
     """The traces shipped with the package (``name`` = cifar10, imagenet or ncf)."""
-    root = Path(str(resources.files("adaptrun") / "traces" / "pollux"))
+    root = Path(str(resources.files("adaptrun.simulation") / "traces" / "pollux"))
     return root if name is None else root / name
 
 
