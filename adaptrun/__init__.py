@@ -38,6 +38,7 @@ _LAZY: dict[str, str] = {
     "read_directive": "worker.directive",
     "PLANNED_EXIT_CODE": "worker.directive",
     "add_report_sink": "worker.reporting",
+    "record_metric": "worker.reporting",
     "AdaptrunError": "worker.errors",
     "NotInitializedError": "worker.errors",
     "BatchConfigError": "worker.errors",

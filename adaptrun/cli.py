@@ -289,11 +289,15 @@ def _nnodes(value: str) -> tuple[int, int]:
 @click.option("--min-workers", type=click.IntRange(min=1), default=None,
               help="Job bounds registered with the controller (default from --nnodes).")
 @click.option("--max-workers", type=click.IntRange(min=1), default=None)
-@click.option("--init-batch", type=click.IntRange(min=1), default=64, show_default=True,
-              help="The global batch the LR was tuned at (B0).")
-@click.option("--max-global-batch", type=click.IntRange(min=1), default=4096, show_default=True)
-@click.option("--local-batch-min", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--local-batch-max", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--init-batch", type=click.IntRange(min=1), default=None,
+              help="Optional: B0 is the script's batch_size; a different value is said once and "
+                   "ignored.")
+@click.option("--max-global-batch", type=click.IntRange(min=1), default=None,
+              help="Optional cap on the script's max batch (autoscale_batch_size).")
+@click.option("--local-batch-min", type=click.IntRange(min=1), default=None,
+              help="Optional cap: raises the script's lower local batch bound.")
+@click.option("--local-batch-max", type=click.IntRange(min=1), default=None,
+              help="Optional cap: lowers the script's upper local batch bound (memory).")
 @click.option("--snapshot-dir", default=None, help="Node-local snapshot directory for the "
               "workers (ADAPTRUN_SNAPSHOT_DIR; default <tmp>/adaptrun-<job>).")
 @click.option("--controller-wait-s", type=click.FloatRange(min=0.0), default=3.0,
@@ -354,19 +358,26 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
               help="Workers per agent (one agent plays one node).")
 @click.option("--job", "job_id", default="local", show_default=True)
-@click.option("--init-batch", type=click.IntRange(min=1), default=64, show_default=True,
-              help="The script's batch_size (B0, the batch its LR was tuned at).")
-@click.option("--max-global-batch", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--local-batch-min", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--local-batch-max", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--init-batch", type=click.IntRange(min=1), default=None,
+              help="Optional: B0 is the script's batch_size; a different value is said once and "
+                   "ignored.")
+@click.option("--max-global-batch", type=click.IntRange(min=1), default=None,
+              help="Optional cap on the script's max batch (autoscale_batch_size).")
+@click.option("--local-batch-min", type=click.IntRange(min=1), default=None,
+              help="Optional cap: raises the script's lower local batch bound.")
+@click.option("--local-batch-max", type=click.IntRange(min=1), default=None,
+              help="Optional cap: lowers the script's upper local batch bound (memory).")
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="gRPC port of the embedded controller (0: any free port).")
 @click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="Port of /metrics (0: any free port).")
 @click.option("--policy-interval-s", default=3.0, show_default=True,
               type=click.FloatRange(min=0.1))
-@click.option("--resize-cost-s", default=5.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="What the policy assumes a change of worker count costs.")
+@click.option("--resize-cost-s", default=2.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="What the policy assumes a change of worker count costs until the first "
+                   "re-form is measured.")
+@click.option("--report-dir", default=None, help="Keep the run's JSON-lines reports, its "
+              "summary (summary.json) and its timeline PNG in this folder.")
 @click.option("--log-dir", default="adaptrun-logs", show_default=True,
               help="Agent logs and node-local snapshots.")
 @click.option("--plot", default="adaptrun-timeline.png", show_default=True,
@@ -375,7 +386,7 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, max_global_batch,
                 local_batch_min, local_batch_max, port, metrics_port, policy_interval_s,
-                resize_cost_s, log_dir, plot, progress, command):
+                resize_cost_s, report_dir, log_dir, plot, progress, command):
     """Train on this machine with an embedded controller and local agents:
     `adaptrun run --min-workers 1 --max-workers 3 -- python train.py ARGS`."""
     import logging
@@ -416,16 +427,40 @@ def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, ma
         code, samples, decisions = _watch_run(run, progress, stop)
     finally:
         run.close()
-    _run_summary(run, samples, decisions, code, plot)
+    if report_dir:
+        pathlib.Path(report_dir).mkdir(parents=True, exist_ok=True)
+        if plot:
+            plot = str(pathlib.Path(report_dir) / pathlib.Path(plot).name)
+    _run_summary(run, samples, decisions, code, plot, report_dir)
     sys.exit(code)
+
+
+def _decision_line(t_s: float, d, before, after) -> str:
+    """One line per decision: what changed (workers, global batch, local x micro-batches, LR)
+    and why; ``before``/``after`` are the job's samples around it (after: None, not applied)."""
+    def cfg(s):
+        return (s.workers, s.global_batch, f"{s.local_batch}x{s.accum_steps + 1}", s.lr)
+    parts = []
+    names = ("workers", "batch", "local", "lr")
+    if before is not None and after is not None:
+        for name, a, b in zip(names, cfg(before), cfg(after)):
+            fmt = (lambda v: f"{v:.3g}") if name == "lr" else str
+            parts.append(f"{name} {fmt(a)}" if a == b else f"{name} {fmt(a)} -> {fmt(b)}")
+    else:
+        parts.append(f"workers -> {d.world_size}" + (
+            f", batch -> {d.global_batch} ({d.local_batch}x{d.accum_steps + 1})"
+            if d.global_batch else "") + ("" if after is not None else " (not applied)"))
+    return f"[{t_s:6.1f}s] decision {d.generation}: {', '.join(parts)}: {d.reason}"
 
 
 def _watch_run(run, show_progress: bool, stop: dict):
     """Follow the job until its agents are done (or a signal): progress bar, one line per
-    decision; returns (exit code, samples, decisions)."""
+    decision once the job shows it applied, each controller notice once; returns
+    (exit code, samples, decisions)."""
     import time
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=False)
@@ -433,7 +468,7 @@ def _watch_run(run, show_progress: bool, stop: dict):
     console.print(f"adaptrun run: job {c.job_id!r}, workers [{c.min_workers}, {c.max_workers}], "
                   f"controller {run.controller.address}, metrics "
                   f"http://127.0.0.1:{run.controller.metrics_port}/metrics, logs {c.log_dir}/")
-    samples, decisions = [], []
+    samples, decisions, pending = [], [], []
     fields = "epoch {e}  progress {p}  batch {b}  workers {w}  goodput {g}"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, disable=not show_progress, transient=False) as bar:
@@ -444,6 +479,9 @@ def _watch_run(run, show_progress: bool, stop: dict):
                 console.print("stopping: the agents save and exit")
                 code = 128 + stop["signal"]
                 break
+            for note in run.new_notices():
+                bar.console.print(f"[{run.elapsed_s():6.1f}s] note: {escape(note)}",
+                                  soft_wrap=True)
             s = run.sample()
             if s is not None and (not samples or s.reports != samples[-1].reports):
                 samples.append(s)
@@ -453,38 +491,56 @@ def _watch_run(run, show_progress: bool, stop: dict):
                     g=f"{s.goodput:.0f}" if s.adaptive else "n/a (not adaptive)"))
             for d in run.new_decisions():
                 decisions.append((run.elapsed_s(), d))
-                bar.console.print(f"[{run.elapsed_s():6.1f}s] generation {d.generation}: "
-                                  f"workers {d.world_size}, batch {d.global_batch} "
-                                  f"({d.local_batch}x{d.accum_steps + 1}): {d.reason}")
+                pending.append((run.elapsed_s(), d, samples[-1] if samples else None))
+            for item in list(pending):
+                t_d, d, before = item
+                if samples and samples[-1].generation >= d.generation:
+                    bar.console.print(escape(_decision_line(t_d, d, before, samples[-1])),
+                                      soft_wrap=True)
+                    pending.remove(item)
             code = run.finished()
             time.sleep(0.5)
+        for note in run.new_notices():
+            console.print(f"[{run.elapsed_s():6.1f}s] note: {escape(note)}", soft_wrap=True)
+        for t_d, d, before in pending:
+            console.print(escape(_decision_line(t_d, d, before, None)), soft_wrap=True)
     return code, samples, decisions
 
 
-def _run_summary(run, samples, decisions, code: int, plot: str) -> None:
+def _run_summary(run, samples, decisions, code: int, plot: str, report_dir: str | None) -> None:
+    import json
+    import math
+    import pathlib
     from dataclasses import asdict
 
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    t = Table(title=f"job {run.config.job_id}: " + ("done" if code == 0 else f"exit {code}"))
-    t.add_column("")
-    t.add_column("", justify="right")
     job = run.job
+    status = "done" if code == 0 else f"exit {code}"
+    t = Table(title=f"adaptrun run: job {run.config.job_id} ({status})")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
     rows = [("wall time", f"{run.elapsed_s():.1f} s"), ("decisions", str(len(decisions)))]
     if job is not None:
-        rows += [("resizes", str(job.resizes)), ("reports accepted", str(job.accepted)),
-                 ("reports rejected", str(job.rejected))]
+        rows += [("resizes", str(job.resizes)),
+                 ("resize gaps measured", ", ".join(f"{g:.2f} s" for g in job.resize_gaps)
+                  or "none"),
+                 ("reports accepted", str(job.accepted)), ("reports rejected", str(job.rejected))]
+        if job.metric_name:
+            rows.insert(0, (f"script metric: {job.metric_name}", f"{job.metric:.4g}"))
     if samples:
         last = samples[-1]
         workers = sorted({s.workers for s in samples})
         batches = sorted({s.global_batch for s in samples})
-        rows += [("steps", str(last.step)), ("epochs reached", str(last.epoch + 1)),
+        rows += [("steps", str(last.step)),
+                 ("epochs done" if job is not None and job.done else "epoch", str(last.epoch)),
                  ("progress (B0-steps)", f"{last.progress:.0f}"),
                  ("workers seen", ", ".join(map(str, workers))),
                  ("global batches seen", ", ".join(map(str, batches))),
-                 ("last noise scale", f"{last.noise_scale:.0f}"),
+                 ("last noise scale", f"{last.noise_scale:.0f}" if math.isfinite(
+                     last.noise_scale) else "not measured"),
                  ("last goodput", f"{last.goodput:.0f}")]
     for k, v in rows:
         t.add_row(k, v)
@@ -492,8 +548,21 @@ def _run_summary(run, samples, decisions, code: int, plot: str) -> None:
     if plot and samples:
         from .simulation.plotting import plot_run
         plot_run([asdict(s) for s in samples], plot,
-                 f"adaptrun run: job {run.config.job_id}, {len(decisions)} decisions")
+                 f"adaptrun run: job {run.config.job_id}, {len(decisions)} decisions",
+                 decisions=[(t_s, d.generation) for t_s, d in decisions])
         console.print(f"timeline plot: {plot}")
+    if report_dir:
+        out = pathlib.Path(report_dir)
+        (out / "summary.json").write_text(json.dumps(
+            {"job": run.config.job_id, "exit_code": code, "rows": dict(rows),
+             "decisions": [{"t_s": t_s, "generation": d.generation, "workers": d.world_size,
+                            "global_batch": d.global_batch, "reason": d.reason}
+                           for t_s, d in decisions],
+             "notices": list(job.notices) if job is not None else []}, indent=1))
+        with open(out / "reports.jsonl", "w") as f:
+            for r in run.reports:
+                f.write(json.dumps(r.to_dict()) + "\n")
+        console.print(f"reports, summary and plot kept in {out}/")
 
 
 def main() -> None:

@@ -10,9 +10,13 @@ What it does, in order
    directives into the workers' store (``adaptrun.worker.directive``).
 3. Ends the round when the workers end it:
    - all exited 0: the job is done, the agent exits 0;
-   - a planned re-form (workers saved at an agreed step and exited 75): it joins the round of
-     the directive's membership, or leaves (exit 0) when its group rank is beyond the new node
-     count. This spends no restart;
+   - a planned re-form: the workers reach an agreed step and *park* (rank 0 marks the world
+     ``parked``: their process, model and optimizer stay in memory). The agent joins the
+     round of the directive's membership and hands each parked worker the new round's
+     environment through its channel (a pipe: ``WorkerGroup.adopt``); the workers re-form in
+     process and send the state from memory to the joiners. A node whose group rank is beyond
+     the new node count tells its workers to exit and leaves (exit 0). This spends no
+     restart. (A worker that exits 75 instead, having saved to disk, re-forms the old way);
    - a failure (a worker exited otherwise, or a peer agent flagged one in the round's store):
      it stops its workers and joins the next attempt with the survivors, up to
      ``max_restarts`` times; the workers restore the last periodic snapshot.
@@ -21,6 +25,12 @@ How a planned re-form flows (the controller decided: directive generation g, W w
 - Every agent gets directive g. If W needs as many nodes as now, it is a batch-only change,
   written as is. Otherwise it is written with ``reform_at_step=0`` (the workers finish the
   step, snapshot, exit 75), and the next round is ``<job>-g<g>-a0`` with exactly W/nproc nodes.
+- Membership, one order whatever the timing: a new agent learns the newest directive when it
+  registers and the newest formed round from the store (``formed``, written by every agent
+  the moment its rendezvous closes). A directive that grows the job and has not formed yet is
+  joined; a job with neither starts at round 0; otherwise the agent waits for the next
+  directive that grows the job (never in a closed round). A job that finished (the
+  controller says so at registration, or ``final`` is in the store) starts nothing: exit 0.
 - Scale-up: the actuator starts new agents; a new agent learns g and W when it registers,
   announces itself in the store (``g<g>/joiners``) and joins round g. The old agents keep
   training until every new agent has announced itself (up to ``ready_timeout_s``; then they
@@ -49,9 +59,11 @@ from datetime import timedelta
 
 import torch.distributed as dist
 from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError,
-                                                      RendezvousGracefulExitError)
+                                                      RendezvousGracefulExitError,
+                                                      RendezvousTimeoutError)
 
-from adaptrun.worker.directive import PLANNED_EXIT_CODE, STATUS_KEY, Directive, write_directive
+from adaptrun.worker.directive import (PLANNED_EXIT_CODE, STATUS_KEY, Directive, read_directive,
+                                       write_directive)
 from adaptrun.science.report import Report
 
 from .controller_client import ControllerClient, JobBoundsSpec
@@ -65,6 +77,9 @@ log = logging.getLogger("adaptrun.agent")
 
 FAILED_KEY = "adaptrun/failed"
 RESTART_COUNT_KEY = "adaptrun/restart_count"
+FORMED_KEY = "formed"          # in the job's agent store: the newest round that formed
+FINAL_KEY = "final"            # "<run id> <nodes>": the job finished in that round
+COMMITTED_KEY = "committed"    # the newest step the job's reports showed
 
 
 class AgentError(RuntimeError):
@@ -106,7 +121,8 @@ class ReportRelay:
 
     At most one report per ``min_interval_s`` goes upstream (the newest; a report carries
     smoothed statistics, so the newest says what the skipped ones said): a fast job reports
-    every few steps, and the controller rate-limits each job."""
+    every few steps, and the controller rate-limits each job. What a skipped report said once
+    (a re-form's gap, the script's metric, the job finished) is carried into the newest."""
 
     _FIELDS = {f.name for f in fields(Report)}
 
@@ -118,6 +134,7 @@ class ReportRelay:
         self.min_interval_s = min_interval_s
         self.offset = 0
         self.relayed = 0
+        self.last_step = 0
         self._pending: Report | None = None
         self._last_sent_s = -math.inf
 
@@ -135,8 +152,9 @@ class ReportRelay:
                 try:
                     d = json.loads(line)
                     d["job_id"] = self.job_id   # workers name the job by their run id
-                    self._pending = Report(**{k: v for k, v in d.items()
-                                              if k in self._FIELDS}).validate()
+                    new = Report(**{k: v for k, v in d.items() if k in self._FIELDS}).validate()
+                    self._pending = _carry_once_fields(self._pending, new)
+                    self.last_step = max(self.last_step, new.step)
                 except (ValueError, TypeError) as exc:
                     log.warning("dropping a report the workers wrote that is not valid: %s", exc)
         now = time.monotonic()
@@ -146,6 +164,19 @@ class ReportRelay:
             self.relayed += 1
             self._pending = None
             self._last_sent_s = now
+
+
+def _carry_once_fields(old: Report | None, new: Report) -> Report:
+    if old is None:
+        return new
+    keep = {}
+    if not math.isnan(old.resize_gap_s) and math.isnan(new.resize_gap_s):
+        keep["resize_gap_s"] = old.resize_gap_s
+    if old.metric_name and not new.metric_name:
+        keep.update(metric_name=old.metric_name, metric=old.metric)
+    if old.finished and not new.finished:
+        keep["finished"] = True
+    return dataclasses.replace(new, **keep) if keep else new
 
 
 class WorkerStore:
@@ -187,17 +218,31 @@ class WorkerStore:
     def close(self) -> None:
         self._store = None
 
-    def saved_and_exiting(self) -> bool:
+    def _status(self) -> dict:
         store = self._connected()
         if store is None:
-            return False
+            return {}
         try:
             if not store.check([STATUS_KEY]):
-                return False
-            return bool(json.loads(store.get(STATUS_KEY)).get("exited"))
+                return {}
+            return json.loads(store.get(STATUS_KEY))
         except (RuntimeError, OSError, ValueError):
             self._store = None
-            return False
+            return {}
+
+    def saved_and_exiting(self) -> bool:
+        return bool(self._status().get("exited"))
+
+    def parked(self) -> bool:
+        """Every rank reached the re-form and waits, in process, for its next world."""
+        return bool(self._status().get("parked"))
+
+    def directive(self) -> Directive | None:
+        store = self._connected()
+        try:
+            return read_directive(store) if store is not None else None
+        except (RuntimeError, OSError, ValueError):
+            return None
 
 
 @dataclass
@@ -243,6 +288,7 @@ class Agent:
                                 env, warm_start=c.warm_start)
         self._spares: list[WarmWorker] | None = None
         self._retiring: list[WorkerGroup] = []
+        self._parked: WorkerGroup | None = None   # alive, waiting for the next round
         self._hosting = False
         self._store_lost = False
 
@@ -261,10 +307,8 @@ class Agent:
         if not c.controller:
             log.info("no --controller: the job runs elastic but not adaptive")
             return
-        bounds = c.bounds or JobBoundsSpec(
-            min_workers=c.nnodes_min * c.nproc_per_node,
-            max_workers=c.nnodes_max * c.nproc_per_node, init_batch=64,
-            max_global_batch=4096, local_batch_min=1, local_batch_max=1024)
+        bounds = c.bounds or JobBoundsSpec(min_workers=c.nnodes_min * c.nproc_per_node,
+                                           max_workers=c.nnodes_max * c.nproc_per_node)
         self.client = ControllerClient(c.controller, c.job_id, self.node, c.nproc_per_node,
                                        c.local_addr or socket.gethostname(), bounds,
                                        on_directive=self._on_directive).start()
@@ -302,6 +346,9 @@ class Agent:
         except _Stopped:
             log.info("stopped by signal %s", self._stop_signal)
             return 128 + (self._stop_signal or signal.SIGTERM)
+        except AgentError as exc:
+            log.error("%s", exc)
+            return 1
         except (RendezvousClosedError, RendezvousGracefulExitError) as exc:
             log.error("the job's rendezvous round is closed (%s): this agent came after the "
                       "round it was told to join; start agents for a running job through the "
@@ -310,6 +357,8 @@ class Agent:
         finally:
             if self._workers is not None:
                 self._workers.stop()
+            if self._parked is not None:
+                self._parked.stop()
             self._discard_spares()
             self._reap_retiring(wait_s=10.0)
             self._close_client()
@@ -326,28 +375,114 @@ class Agent:
             time.sleep(0.05)
         self.client.close(timeout_s=2.0)
 
-    def _first_round(self, job_store) -> RoundSpec:
+    # -- membership: which round this agent joins ------------------------------------------
+    @staticmethod
+    def _formed(job_store) -> dict | None:
+        """The job's newest formed round: {"generation", "attempt", "nodes"} (None: none yet).
+        Every agent writes it the moment its rendezvous closes."""
+        try:
+            if job_store.check([FORMED_KEY]):
+                return json.loads(job_store.get(FORMED_KEY))
+        except (RuntimeError, OSError, ValueError):
+            pass
+        return None
+
+    def _job_done(self, job_store) -> bool:
+        if self.client is not None and self.client.job_done.is_set():
+            return True
+        try:
+            return job_store.check([FINAL_KEY])
+        except (RuntimeError, OSError):
+            return False
+
+    def _grows(self, d, formed: dict | None) -> bool:
+        """Directive ``d`` asks for more nodes than the newest formed round has, and is newer."""
+        if d is None or d.generation <= 0 or d.world_size <= 0:
+            return False
+        if formed is None:
+            return True
+        return (d.generation > formed["generation"]
+                and self.config.nodes_for(d.world_size) > formed["nodes"])
+
+    def _first_round(self, job_store) -> RoundSpec | None:
+        """The round this agent joins (None: the job is done, start nothing).
+
+        One order, whatever the timing: a directive that grows the job and has not formed yet
+        is joined (the old world keeps training until this agent has announced itself); a job
+        with no formed round and no directive starts at round 0; otherwise the job runs
+        without this node, so the agent waits for the next directive that grows it (never for
+        a round that has closed)."""
         c = self.config
-        d = self._latest_directive()
-        if d is not None and d.generation > 0 and d.world_size > 0:
-            # A job that already runs: this agent joins the membership the controller set.
-            n = c.nodes_for(d.world_size)
-            deadline = time.monotonic() + c.ready_timeout_s
-            while not self._spares_ready() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            job_store.add(f"g{d.generation}/joiners", 1)   # the old world may stop now
-            log.info("joining job %s at directive %d (%d workers on %d nodes)", c.job_id,
-                     d.generation, d.world_size, n)
-            return RoundSpec(d.generation, 0, n, n)
-        return RoundSpec(0, 0, c.nnodes_min, c.nnodes_max)
+        if self._job_done(job_store):
+            return None
+        d, formed = self._latest_directive(), self._formed(job_store)
+        if not self._grows(d, formed):
+            if formed is None and (d is None or d.generation == 0):
+                return RoundSpec(0, 0, c.nnodes_min, c.nnodes_max)
+            log.info("job %s already runs on %d node(s) (generation %d): waiting for a "
+                     "directive that adds this node", c.job_id, formed["nodes"] if formed else 0,
+                     formed["generation"] if formed else 0)
+            deadline = time.monotonic() + c.rdzv_conf.join_timeout
+            while not self._grows(d, formed):
+                if self._stop_signal is not None:
+                    raise _Stopped()
+                if self._job_done(job_store):
+                    return None
+                if time.monotonic() > deadline:
+                    raise AgentError(f"no directive added this node to job {c.job_id} within "
+                                     f"{c.rdzv_conf.join_timeout:.0f} s (join_timeout)")
+                time.sleep(0.05)
+                d, formed = self._latest_directive(), self._formed(job_store)
+        n = c.nodes_for(d.world_size)
+        deadline = time.monotonic() + c.ready_timeout_s
+        while not self._spares_ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self._job_done(job_store):
+            return None
+        job_store.add(f"g{d.generation}/joiners", 1)   # the old world may stop now
+        log.info("joining job %s at directive %d (%d workers on %d nodes)", c.job_id,
+                 d.generation, d.world_size, n)
+        return RoundSpec(d.generation, 0, n, n)
+
+    def _join_first(self, rdzv_store, job_store):
+        """(spec, (handler, info)) of the first round this agent joins; (None, None) when the
+        job is done. A round of a directive that never forms (the old world kept its size, or
+        the job finished meanwhile) is given up after twice ``ready_timeout_s``, and the
+        choice is made again."""
+        c = self.config
+        while True:
+            spec = self._first_round(job_store)
+            if spec is None:
+                return None, None
+            conf = c.rdzv_conf if spec.generation == 0 else dataclasses.replace(
+                c.rdzv_conf, join_timeout=min(c.rdzv_conf.join_timeout, 2 * c.ready_timeout_s))
+            try:
+                return spec, join_round(rdzv_store, c.job_id, spec, conf, c.local_addr)
+            except RendezvousTimeoutError:
+                if spec.generation == 0:
+                    raise
+                log.warning("round %s did not form within %.0f s; looking again at what the "
+                            "job needs", spec.run_id(c.job_id), conf.join_timeout)
 
     def _rounds(self, rdzv_store, job_store) -> int:
         c = self.config
-        spec = self._first_round(job_store)
+        spec, joined = self._join_first(rdzv_store, job_store)
+        if spec is None:
+            log.info("job %s is done: this agent starts no workers", c.job_id)
+            return 0
         restarts = 0
         while True:
-            handler, info = join_round(rdzv_store, c.job_id, spec, c.rdzv_conf, c.local_addr)
+            handler, info = joined or join_round(rdzv_store, c.job_id, spec, c.rdzv_conf,
+                                                 c.local_addr)
+            joined = None
             try:
+                job_store.set(FORMED_KEY, json.dumps({"generation": spec.generation,
+                                                      "attempt": spec.attempt,
+                                                      "nodes": info.world_size}))
+                if self._job_done(job_store):
+                    log.info("job %s finished while this round formed: this agent starts no "
+                             "workers", c.job_id)
+                    return 0
                 result = self._run_round(info, spec, restarts, job_store)
             finally:
                 try:
@@ -357,7 +492,7 @@ class Agent:
             if self._stop_signal is not None:
                 log.info("stopped by signal %d", self._stop_signal)
                 return 128 + self._stop_signal
-            if result.outcome is not Outcome.SUCCEEDED and not (
+            if result.outcome not in (Outcome.SUCCEEDED, Outcome.PARKED) and not (
                     result.next_planned is not None
                     and result.group_rank >= result.next_planned.max_nodes):
                 self._ensure_spares()   # warm up while the next rendezvous runs
@@ -365,10 +500,22 @@ class Agent:
                 log.info("all workers finished: job %s done on this node", c.job_id)
                 try:   # for the agent that hosts the store: it must stay until all are done
                     job_store.add(f"done/{spec.run_id(c.job_id)}", 1)
-                    job_store.set("final", f"{spec.run_id(c.job_id)} {result.nodes}")
+                    job_store.set(FINAL_KEY, f"{spec.run_id(c.job_id)} {result.nodes}")
                 except (RuntimeError, OSError):
                     pass
                 return 0
+            if result.outcome is Outcome.PARKED:
+                nxt = result.next_planned
+                if result.group_rank >= nxt.max_nodes:
+                    log.info("planned re-form to %d nodes: group rank %d leaves the job",
+                             nxt.max_nodes, result.group_rank)
+                    parked, self._parked = self._parked, None
+                    parked.send_exit(0)
+                    codes = [p.wait() for p in parked.procs]
+                    parked.close_channels()
+                    return 0 if all(code == 0 for code in codes) else 1
+                spec = nxt
+                continue
             if result.outcome is Outcome.PLANNED:
                 nxt = result.next_planned
                 if nxt is None:
@@ -402,8 +549,8 @@ class Agent:
         logged = False
         while time.monotonic() < deadline and self._stop_signal is None:
             try:
-                if job_store.check(["final"]):
-                    run_id, nodes = job_store.get("final").decode().split()
+                if job_store.check([FINAL_KEY]):
+                    run_id, nodes = job_store.get(FINAL_KEY).decode().split()
                     if int(job_store.add(f"done/{run_id}", 0)) >= int(nodes):
                         return
             except (RuntimeError, OSError, ValueError):
@@ -470,13 +617,23 @@ class Agent:
             round_store.set(RESTART_COUNT_KEY, str(restarts))
         restart_count = int(round_store.get(RESTART_COUNT_KEY))
         bsi = info.bootstrap_store_info
+        try:
+            committed = int(job_store.get(COMMITTED_KEY)) if job_store.check([COMMITTED_KEY]) \
+                else 0
+        except (RuntimeError, OSError, ValueError):
+            committed = 0
         workers = WorkerGroup(self.wspec, group_rank, nodes, bsi.master_addr, bsi.master_port,
-                              restart_count)
-        warm = self._spares is not None
-        self._workers = workers.start(self._take_spares())
-        log.info("started %d %s workers (ranks %d..%d of %d)", c.nproc_per_node,
-                 "warm" if warm else "cold", group_rank * c.nproc_per_node,
-                 (group_rank + 1) * c.nproc_per_node - 1, workers.world_size)
+                              restart_count, committed_step=committed)
+        parked, self._parked = self._parked, None
+        if parked is not None:
+            self._workers = workers.adopt(parked)
+            how = "re-formed in process"
+        else:
+            how = "warm" if self._spares is not None else "cold"
+            self._workers = workers.start(self._take_spares())
+        log.info("%d %s workers (ranks %d..%d of %d)", c.nproc_per_node, how,
+                 group_rank * c.nproc_per_node, (group_rank + 1) * c.nproc_per_node - 1,
+                 workers.world_size)
         state = _DirectiveState(WorkerStore(bsi.master_addr, bsi.master_port), group_rank,
                                 nodes)
         early = False
@@ -486,6 +643,12 @@ class Agent:
             while True:
                 time.sleep(c.monitor_interval_s)
                 self.relay.pump()
+                if self.relay.last_step > committed:
+                    committed = self.relay.last_step
+                    try:
+                        job_store.set(COMMITTED_KEY, str(committed))
+                    except (RuntimeError, OSError):
+                        pass
                 if self._retiring:
                     self._reap_retiring()
                 if (self._spares is None and c.standby_after_s >= 0
@@ -516,6 +679,20 @@ class Agent:
                 if (state.planned is not None or forwarded) and state.writer.saved_and_exiting():
                     early, outcome = True, Outcome.PLANNED   # every rank saved: go on
                     break
+                # Parked is looked for while a re-form is planned; otherwise (a peer agent wrote
+                # the directive before the controller's copy reached this one) once a second.
+                now = time.monotonic()
+                look = state.planned is not None or now - state.parked_checked_s > 1.0
+                if look:
+                    state.parked_checked_s = now
+                if look and not forwarded and state.writer.parked():
+                    outcome = Outcome.PARKED                 # every rank waits in process
+                    if state.planned is None:                # a peer agent wrote the directive
+                        d = state.writer.directive()
+                        n = c.nodes_for(d.target_world_size) if d and d.target_world_size \
+                            else nodes
+                        state.planned = RoundSpec(d.generation if d else spec.generation, 0, n, n)
+                    break
         finally:
             self.relay.pump()
             if not peer_failed and workers.outcome() is Outcome.FAILED:
@@ -528,7 +705,10 @@ class Agent:
             elif peer_failed:
                 log.warning("a peer agent reported a worker failure: stopping this node's "
                             "workers")
-            if early:
+            if outcome is Outcome.PARKED:
+                state.writer.close()
+                self._parked = workers           # the next round adopts them (or they leave)
+            elif early:
                 state.writer.close()             # rank 0's store server need not wait on us
                 workers.retired_s = time.monotonic()
                 self._retiring.append(workers)   # reaped while the next round starts
@@ -601,4 +781,5 @@ class _DirectiveState:
     nodes: int
     written: int = 0
     planned: RoundSpec | None = None
+    parked_checked_s: float = 0.0
     announced: set = field(default_factory=set)

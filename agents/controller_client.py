@@ -39,20 +39,22 @@ AGENT_ID_METADATA = "adaptrun-agent-id"
 
 @dataclass(frozen=True)
 class JobBoundsSpec:
-    """The bounds an agent registers its job with (the first agent's win)."""
+    """The bounds an agent registers its job with (the first agent's win): the worker bounds,
+    and optional caps (None) on the batch limits that the script itself declares."""
     min_workers: int
     max_workers: int
-    init_batch: int
-    max_global_batch: int
-    local_batch_min: int
-    local_batch_max: int
+    init_batch: int | None = None
+    max_global_batch: int | None = None
+    local_batch_min: int | None = None
+    local_batch_max: int | None = None
     max_accum_steps: int | None = None
 
     def to_proto(self) -> pb.JobBounds:
         b = pb.JobBounds(min_workers=self.min_workers, max_workers=self.max_workers,
-                         init_batch=self.init_batch, max_global_batch=self.max_global_batch,
-                         local_batch_min=self.local_batch_min,
-                         local_batch_max=self.local_batch_max)
+                         init_batch=self.init_batch or 0,
+                         max_global_batch=self.max_global_batch or 0,
+                         local_batch_min=self.local_batch_min or 0,
+                         local_batch_max=self.local_batch_max or 0)
         if self.max_accum_steps is not None:
             b.max_accum_steps = self.max_accum_steps
         return b
@@ -63,8 +65,11 @@ def report_to_proto(r: Report) -> pb.Report:
                     nodes=r.nodes, local_batch=r.local_batch, accum_steps=r.accum_steps,
                     init_batch=r.init_batch, step_time_s=r.step_time_s,
                     sync_time_s=r.sync_time_s, grad_sqr=r.grad_sqr, grad_var=r.grad_var,
-                    epoch=r.epoch, time_s=r.time_s)
-    for name in ("loss", "lr", "target_progress"):  # NaN = unknown = unset
+                    epoch=r.epoch, time_s=r.time_s, max_batch=r.max_batch,
+                    local_batch_min=r.local_batch_min, local_batch_max=r.local_batch_max,
+                    accumulation=r.accumulation, generation=r.generation,
+                    metric_name=r.metric_name, finished=r.finished)
+    for name in ("loss", "lr", "target_progress", "resize_gap_s", "metric"):  # NaN = unset
         v = getattr(r, name)
         if not math.isnan(v):
             setattr(msg, name, v)
@@ -90,6 +95,7 @@ class ControllerClient:
         self.directive: pb.Directive | None = None
         self.agent_id: str | None = None
         self.connected = threading.Event()
+        self.job_done = threading.Event()     # the controller says the job finished
         self.dropped_reports = 0
         self.sent_reports = 0
         self._queue: deque[Report] = deque()
@@ -174,6 +180,8 @@ class ControllerClient:
         log.info("registered with the controller at %s as %s", self.target, resp.agent_id)
         self._registered = True
         self.agent_id = resp.agent_id
+        if resp.job_done:
+            self.job_done.set()
         if resp.directive.generation:
             self._deliver(resp.directive)
         self.connected.set()   # after the current directive: a waiter sees both

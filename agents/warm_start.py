@@ -7,7 +7,8 @@ cold start that does not depend on the round. It then writes one byte to the fil
 descriptor named by ``ADAPTRUN_WARM_READY_FD`` ("ready"), reads one JSON line on stdin (the
 round's environment: RANK, WORLD_SIZE, MASTER_PORT, ...), applies it to ``os.environ`` and
 runs the script as ``__main__`` with ``runpy``, as ``python train.py ARGS`` would. An empty
-stdin (the agent went away, or gave up the spare) ends it with exit code 0.
+stdin (the agent went away, or gave up the spare) ends it with exit code 0. The rest of
+stdin stays open as the agent's channel to the worker (``ADAPTRUN_AGENT_FD``).
 
 The agent starts these while the old world still trains, so a re-form costs the save, the
 rendezvous and the script's own set-up, not the interpreter's start.
@@ -47,10 +48,18 @@ def main() -> None:
             os.close(int(fd))
         except OSError:
             pass
-    line = sys.stdin.readline()
+    line = b""
+    while not line.endswith(b"\n"):     # unbuffered: what follows is the agent's channel
+        chunk = os.read(0, 1)
+        if not chunk:
+            break
+        line += chunk
     if not line.strip():
         sys.exit(0)
     os.environ.update(json.loads(line))
+    # The rest of the pipe is the agent's channel to this worker (an in-process re-form
+    # learns its next world there); the script's stdin becomes /dev/null.
+    os.environ["ADAPTRUN_AGENT_FD"] = str(os.dup(0))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

@@ -29,6 +29,7 @@ class Outcome(enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     PLANNED = "planned"
+    PARKED = "parked"        # re-forming in process: alive, waiting for the next world
     FAILED = "failed"
 
 
@@ -80,9 +81,10 @@ class WarmWorker:
         return self._ready
 
     def go(self, env: dict) -> subprocess.Popen:
+        """Start the round; stdin stays open as the process's agent channel (re-forms)."""
         try:
             self.proc.stdin.write((json.dumps(env) + "\n").encode())
-            self.proc.stdin.close()
+            self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass                         # it died: the group sees its exit code
         if not self._ready:
@@ -111,7 +113,8 @@ def spawn_spares(spec: WorkerSpec) -> list[WarmWorker] | None:
 
 class WorkerGroup:
     def __init__(self, spec: WorkerSpec, group_rank: int, group_world_size: int,
-                 master_addr: str, master_port: int, restart_count: int):
+                 master_addr: str, master_port: int, restart_count: int,
+                 committed_step: int = 0):
         self.spec = spec
         self.group_rank = group_rank
         self.group_world_size = group_world_size
@@ -119,7 +122,9 @@ class WorkerGroup:
         self.master_addr = master_addr
         self.master_port = master_port
         self.restart_count = restart_count
+        self.committed_step = committed_step   # the job's newest step: a world must restore it
         self.procs: list[subprocess.Popen] = []
+        self.channels: list = []        # per local rank: the write end of its agent channel
         self.started_s = 0.0
         self.retired_s = 0.0
 
@@ -137,6 +142,7 @@ class WorkerGroup:
             "TORCHELASTIC_RESTART_COUNT": str(self.restart_count),
             "TORCHELASTIC_MAX_RESTARTS": str(s.max_restarts),
             "TORCHELASTIC_USE_AGENT_STORE": "False",
+            "ADAPTRUN_COMMITTED_STEP": str(self.committed_step),
         })
         return env
 
@@ -152,11 +158,40 @@ class WorkerGroup:
             spares = spawn_spares(self.spec)
         for local_rank in range(self.spec.nproc):
             if spares is not None:
-                self.procs.append(spares[local_rank].go(self.round_env(local_rank)))
+                proc = spares[local_rank].go(self.round_env(local_rank))
+                self.procs.append(proc)
+                self.channels.append(proc.stdin)
             else:
-                self.procs.append(subprocess.Popen(list(self.spec.command),
-                                                   env=self.env_for(local_rank)))
+                r, w = os.pipe()
+                env = dict(self.env_for(local_rank), ADAPTRUN_AGENT_FD=str(r))
+                try:
+                    self.procs.append(subprocess.Popen(list(self.spec.command), env=env,
+                                                       pass_fds=(r,)))
+                finally:
+                    os.close(r)
+                self.channels.append(os.fdopen(w, "wb"))
         return self
+
+    def adopt(self, parked: "WorkerGroup") -> "WorkerGroup":
+        """Continue ``parked``'s processes (they re-form in process) as this round's workers:
+        each gets this round's environment through its channel."""
+        self.started_s = time.monotonic()
+        self.procs, self.channels = parked.procs, parked.channels
+        for local_rank in range(self.spec.nproc):
+            self.send(local_rank, {"env": self.round_env(local_rank)})
+        return self
+
+    def send(self, local_rank: int, message: dict) -> None:
+        try:
+            ch = self.channels[local_rank]
+            ch.write((json.dumps(message) + "\n").encode())
+            ch.flush()
+        except (BrokenPipeError, OSError, IndexError, ValueError):
+            pass                         # it died: the group sees its exit code
+
+    def send_exit(self, code: int) -> None:
+        for local_rank in range(len(self.procs)):
+            self.send(local_rank, {"exit": code})
 
     def exit_codes(self) -> list[int | None]:
         return [p.poll() for p in self.procs]
@@ -189,6 +224,14 @@ class WorkerGroup:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                pass
+        self.close_channels()
+
+    def close_channels(self) -> None:
+        for ch in self.channels:
+            try:
+                ch.close()
+            except OSError:
                 pass
 
     def describe_failure(self) -> str:

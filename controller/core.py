@@ -17,13 +17,15 @@ leaves that job at its configuration; it never touches another job.
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import threading
 import time
 from dataclasses import dataclass, replace
 
 import grpc
 
-from adaptrun.science.policy import BoundsError, Config, Decision, Policy
+from adaptrun.science.policy import BoundsError, Config, Decision, Policy, bounds_from_script
 
 from .actuator import Actuator, ActuatorError
 from .metrics import Metrics, report_figures
@@ -70,12 +72,12 @@ class ControllerCore:
 
     # -- agents --------------------------------------------------------------------------
     def register(self, req) -> tuple[Job, Agent]:
-        bounds = check_registration(req)
+        bounds, caps = check_registration(req)
         c = self.config
 
         def make_job() -> Job:
             return Job(req.job_id, bounds, Policy(bounds, resize_cost_s=c.resize_cost_s),
-                       TokenBucket(c.report_rate_per_s, c.report_burst))
+                       TokenBucket(c.report_rate_per_s, c.report_burst), caps=caps)
         try:
             job, agent, created = self.registry.register(req.job_id, req.node, req.slots,
                                                          req.address, make_job)
@@ -88,9 +90,9 @@ class ControllerCore:
         if created:
             self.metrics.job(job.job_id)
             self.metrics.set_bounds(job.job_id, bounds.min_replicas, bounds.max_replicas)
-            log.info("job %s registered by node %s (%d slots): workers [%d, %d], B0 %d, "
-                     "max batch %d", job.job_id, req.node, req.slots, bounds.min_replicas,
-                     bounds.max_replicas, bounds.init_batch, bounds.max_batch)
+            log.info("job %s registered by node %s (%d slots): workers [%d, %d]; batch limits "
+                     "from the script (caps: %s)", job.job_id, req.node, req.slots,
+                     bounds.min_replicas, bounds.max_replicas, caps)
         return job, agent
 
     # -- reports -------------------------------------------------------------------------
@@ -119,7 +121,7 @@ class ControllerCore:
                 raise Rejection(grpc.StatusCode.NOT_FOUND, "unknown_job",
                                 f"report for unknown job {msg.job_id[:80]!r}; an agent must "
                                 f"register the job first")
-            report = report_from_proto(msg, job_id=job.job_id, init_batch=job.bounds.init_batch)
+            report = report_from_proto(msg, job_id=job.job_id)
         except Rejection as r:
             self.count_rejection(agent.job_id if job is not None else "", r)
             raise
@@ -129,6 +131,12 @@ class ControllerCore:
             job.last_report = report
             job.last_report_time_s = now
             job.accepted += 1
+            if report.metric_name:
+                job.metric_name, job.metric = report.metric_name, report.metric
+            if report.finished and not job.done:
+                job.done = True
+                job.notice(f"job finished at step {report.step} (epoch {report.epoch})")
+                log.info("job %s finished at step %d", job.job_id, report.step)
             self.metrics.observe_report(report, figures)
             return job, job.generation
 
@@ -138,6 +146,7 @@ class ControllerCore:
         if job is not None:
             with job.changed:
                 job.rejected += 1
+                job.notice(f"a report was rejected ({r.reason}): {r.message}")
         log.debug("rejected (%s) for job %r: %s", r.reason, job_label, r.message)
 
     # -- decisions -----------------------------------------------------------------------
@@ -178,7 +187,11 @@ class ControllerCore:
             t0 = time.perf_counter()
             try:
                 for r in reports:
+                    self._take_script_limits(job, r)
+                    self._take_resize_gap(job, r)
                     job.policy.observe(r)
+                if job.done:
+                    return None
                 # A forced run (new bounds) decides even while a directive is in flight.
                 awaiting = not force and self._awaiting_directive(job, now)
                 decision = None if awaiting else job.policy.decide()
@@ -199,6 +212,35 @@ class ControllerCore:
                 with job.changed:
                     job.last_decision = decision.reason
             return decision
+
+    def _take_script_limits(self, job: Job, r) -> None:
+        """The script declares B0 and its batch limits in its reports: the job's bounds are
+        those within the launcher's caps (each disagreeing flag said once, as a notice)."""
+        bounds, notes = bounds_from_script(job.bounds, job.caps, r)
+        with job.changed:
+            for note in notes:
+                if job.notice(note):
+                    log.warning("job %s: %s", job.job_id, note)
+            if bounds == job.bounds:
+                return
+            job.bounds = bounds
+        job.policy = job.policy.with_bounds(bounds)
+        log.info("job %s: batch limits from the script: B0 %d, max batch %d, local batch "
+                 "[%d, %d], accumulation %s", job.job_id, bounds.init_batch, bounds.max_batch,
+                 bounds.local_batch_min, bounds.local_batch_max,
+                 "up to %d" % bounds.max_accum_steps if bounds.max_accum_steps else "off")
+
+    def _take_resize_gap(self, job: Job, r) -> None:
+        """A measured planned re-form: the policy weighs the median of the last five."""
+        if math.isnan(r.resize_gap_s):
+            return
+        with job.changed:
+            job.resize_gaps.append(r.resize_gap_s)
+            cost = statistics.median(job.resize_gaps[-5:])
+            job.notice(f"re-form to {r.world_size} workers took {r.resize_gap_s:.2f} s (last "
+                       f"step of the old world to the first of the new, measured at step "
+                       f"{r.step}); the policy now counts {cost:.2f} s per resize")
+        job.policy.resize_cost_s = cost
 
     def _apply(self, job: Job, d: Decision) -> None:
         gain = d.predicted_gain
@@ -223,7 +265,8 @@ class ControllerCore:
 
     def tick(self) -> None:
         for job in self.registry.jobs():
-            self.run_policy(job)
+            if not job.done:
+                self.run_policy(job)
 
     # -- operators -----------------------------------------------------------------------
     def set_bounds(self, job_id: str, min_workers: int, max_workers: int) -> Job:
@@ -248,7 +291,14 @@ class ControllerCore:
         else:
             cur = self.actuator.current_workers(job_id)
             if cur is not None and not min_workers <= cur <= max_workers:
-                self._set_workers(job, min(max(cur, min_workers), max_workers))
+                # No report yet, so no configuration to plan from: the directive moves only
+                # the worker count (batch 0 = keep the script's), and it exists before the
+                # actuator starts any agent, so a new agent learns it when it registers.
+                target = min(max(cur, min_workers), max_workers)
+                self.issue_directive(job, Config(target, 0, 0),
+                                     f"bounds [{min_workers}, {max_workers}]: move to {target} "
+                                     f"workers")
+                self._set_workers(job, target)
         return job
 
 

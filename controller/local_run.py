@@ -38,14 +38,15 @@ class RunConfig:
     min_workers: int = 1
     max_workers: int = 1
     nproc_per_node: int = 1
-    init_batch: int = 64
-    max_global_batch: int = 4096
-    local_batch_min: int = 1
-    local_batch_max: int = 1024
+    # Optional caps on what the script declares (None: the script's own limits).
+    init_batch: int | None = None
+    max_global_batch: int | None = None
+    local_batch_min: int | None = None
+    local_batch_max: int | None = None
     port: int = 0
     metrics_port: int | None = 0
     policy_interval_s: float = 3.0
-    resize_cost_s: float = 5.0       # what a re-form costs here (cold start ~2 s per worker)
+    resize_cost_s: float = 2.0       # the prior for a re-form's cost, until one is measured
     log_dir: Path = field(default_factory=lambda: Path("adaptrun-logs"))
 
     def validate(self) -> "RunConfig":
@@ -80,6 +81,7 @@ class Sample:
     efficiency: float
     reports: int
     adaptive: bool
+    generation: int = 0          # the newest directive the world had applied
 
 
 class LocalRun:
@@ -90,6 +92,8 @@ class LocalRun:
         self._store = None
         self._t0 = time.monotonic()
         self._seen_generation = 0
+        self._seen_notices = 0
+        self.reports: list = []       # every report the controller accepted, as sampled
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> "LocalRun":
@@ -122,9 +126,11 @@ class LocalRun:
                 "--nproc-per-node", str(c.nproc_per_node), "--nnodes", f"{nodes[0]}:{nodes[1]}",
                 "--rdzv-endpoint", f"127.0.0.1:{self._store.port}",
                 "--min-workers", str(c.min_workers), "--max-workers", str(c.max_workers),
-                "--init-batch", str(c.init_batch), "--max-global-batch", str(c.max_global_batch),
-                "--local-batch-min", str(c.local_batch_min),
-                "--local-batch-max", str(c.local_batch_max),
+                *(arg for flag, value in (("--init-batch", c.init_batch),
+                                          ("--max-global-batch", c.max_global_batch),
+                                          ("--local-batch-min", c.local_batch_min),
+                                          ("--local-batch-max", c.local_batch_max))
+                  if value is not None for arg in (flag, str(value))),
                 "--snapshot-dir", str(c.log_dir / f"snapshots-{node}"),
                 "--", *c.command]
 
@@ -150,6 +156,8 @@ class LocalRun:
         job = self.job
         if job is None or job.last_report is None:
             return None
+        if not self.reports or self.reports[-1] is not job.last_report:
+            self.reports.append(job.last_report)
         s = job_status(job, self.controller.core.clock(),
                        self.actuator.current_workers(self.config.job_id))
         return Sample(t_s=time.monotonic() - self._t0, step=s.step, epoch=s.epoch,
@@ -158,7 +166,17 @@ class LocalRun:
                       noise_scale=s.noise_scale if math.isfinite(s.noise_scale) else math.nan,
                       goodput=s.goodput, throughput=s.throughput_examples_per_s,
                       efficiency=s.statistical_efficiency, reports=s.reports_accepted,
-                      adaptive=s.adaptive)
+                      adaptive=s.adaptive, generation=job.last_report.generation)
+
+    def new_notices(self) -> list[str]:
+        """What the controller said about the job since the last call (each line once)."""
+        job = self.job
+        if job is None:
+            return []
+        with job.changed:
+            fresh = job.notices[self._seen_notices:]
+            self._seen_notices = len(job.notices)
+        return fresh
 
     def new_decisions(self):
         """Directives issued since the last call, oldest first (only the newest of a burst

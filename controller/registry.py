@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from adaptrun.science.policy import JobBounds, Policy
+from adaptrun.science.policy import BatchCaps, JobBounds, Policy
 from adaptrun.science.report import Report
 
 from .ratelimit import TokenBucket
@@ -54,6 +54,7 @@ class Job:
     bounds: JobBounds
     policy: Policy
     bucket: TokenBucket
+    caps: BatchCaps = field(default_factory=BatchCaps)          # the launcher's batch flags
     agents: dict[str, Agent] = field(default_factory=dict)      # node -> agent
     generation: int = 0
     directive: Directive | None = None
@@ -68,8 +69,20 @@ class Job:
     resizes: int = 0
     last_decision: str = ""
     policy_error: str = ""
+    notices: list[str] = field(default_factory=list)   # for the user, each said once
+    done: bool = False                # a report said the job's last epoch is done
+    resize_gaps: list[float] = field(default_factory=list)   # measured planned re-forms, s
+    metric_name: str = ""
+    metric: float = float("nan")
     changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
     policy_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one run at a time
+
+    def notice(self, text: str) -> bool:
+        """Add a line for the user unless it was said already (call under ``changed``)."""
+        if text in self.notices or len(self.notices) >= 200:
+            return False
+        self.notices.append(text)
+        return True
 
 
 class JobRegistry:

@@ -45,7 +45,9 @@ def job_status(job: Job, now_s: float, desired_workers: int | None) -> pb.JobSta
                     for a in job.agents.values()],
             directive=directive_to_proto(job.directive), desired_workers=desired_workers or 0,
             reports_accepted=job.accepted, reports_rejected=job.rejected, resizes=job.resizes,
-            last_report_age_s=-1.0, last_decision=job.policy_error or job.last_decision)
+            last_report_age_s=-1.0, last_decision=job.policy_error or job.last_decision,
+            notices=job.notices, done=job.done, resize_cost_s=job.policy.resize_cost_s,
+            metric_name=job.metric_name, metric=job.metric)
         r = job.last_report
         if r is not None:
             f = report_figures(r)
@@ -81,10 +83,11 @@ class ControllerService:
         except Rejection as r:
             self._abort(ctx, r)
         with job.changed:
-            d = job.directive
+            d, done = job.directive, job.done
         return pb.RegisterResponse(agent_id=agent.agent_id, bounds=bounds_to_proto(job.bounds),
                                    directive=directive_to_proto(d),
-                                   report_interval_s=self.core.config.report_interval_s)
+                                   report_interval_s=self.core.config.report_interval_s,
+                                   job_done=done)
 
     def StreamReports(self, request_iterator, ctx):
         agent_id = dict(ctx.invocation_metadata()).get(AGENT_ID_METADATA, "")

@@ -9,7 +9,8 @@ turns into an opaque INTERNAL status), it returns the message or a ``Rejection``
 sent with the wrong wire type (a string where ``step`` is a varint) parses in protobuf as an
 unknown field; it is caught here and rejected. Unknown field *numbers* are ignored, so a
 newer agent can add fields. Range checks are ``Report.validate()``'s, plus the ones that
-need the job (same job as the stream, same B0).
+need the job (same job as the stream). B0 and the batch limits are the script's: a report
+carries them and is never rejected for them (see ``policy.bounds_from_script``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from adaptrun.generated import control_plane_pb2 as pb
-from adaptrun.science.policy import BoundsError, JobBounds
+from adaptrun.science.policy import BatchCaps, BoundsError, JobBounds
 from adaptrun.science.report import Report, ReportError
 
 __all__ = ["Rejection", "REASONS", "parse_report", "parse_message", "Malformed",
@@ -101,7 +102,7 @@ def _opt(msg, name: str) -> float:
     return getattr(msg, name) if msg.HasField(name) else math.nan
 
 
-def report_from_proto(msg: pb.Report, *, job_id: str, init_batch: int) -> Report:
+def report_from_proto(msg: pb.Report, *, job_id: str) -> Report:
     """The validated ``Report`` of ``msg``, sent on a stream registered for ``job_id``."""
     if msg.job_id != job_id:
         raise Rejection(grpc.StatusCode.PERMISSION_DENIED, "wrong_job",
@@ -113,7 +114,10 @@ def report_from_proto(msg: pb.Report, *, job_id: str, init_batch: int) -> Report
         init_batch=msg.init_batch, step_time_s=msg.step_time_s, sync_time_s=msg.sync_time_s,
         grad_sqr=msg.grad_sqr, grad_var=msg.grad_var, loss=_opt(msg, "loss"),
         lr=_opt(msg, "lr"), epoch=msg.epoch, target_progress=_opt(msg, "target_progress"),
-        time_s=msg.time_s)
+        time_s=msg.time_s, max_batch=msg.max_batch, local_batch_min=msg.local_batch_min,
+        local_batch_max=msg.local_batch_max, accumulation=msg.accumulation,
+        generation=msg.generation, resize_gap_s=_opt(msg, "resize_gap_s"),
+        metric_name=msg.metric_name, metric=_opt(msg, "metric"), finished=msg.finished)
     try:
         report.validate()
     except ReportError as exc:
@@ -125,37 +129,46 @@ def report_from_proto(msg: pb.Report, *, job_id: str, init_batch: int) -> Report
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
                             f"report rejected: {name} must be finite"
                             f"{'' if name == 'loss' else ' and >= 0'} or unset, got {v}")
-    if report.init_batch != init_batch:
-        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
-                        f"report rejected: init_batch {report.init_batch} differs from the "
-                        f"job's registered init batch {init_batch}")
     return report
 
 
-def bounds_from_proto(b: pb.JobBounds, slots_per_node: int) -> JobBounds:
-    """Policy bounds of a registration; raise Rejection naming the bad bound."""
-    kw = dict(init_batch=b.init_batch, max_batch=b.max_global_batch,
+def bounds_from_proto(b: pb.JobBounds, slots_per_node: int) -> tuple[JobBounds, BatchCaps]:
+    """A registration's bounds: the worker bounds and the batch caps of the launcher's flags
+    (0 = none), and provisional policy bounds until the script's first report declares its
+    own; raise Rejection naming the bad bound."""
+    for name in ("init_batch", "max_global_batch", "local_batch_min", "local_batch_max"):
+        if getattr(b, name) < 0:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+                            f"job bounds rejected: {name} must be >= 0 (0: no cap), got "
+                            f"{getattr(b, name)}")
+    caps = BatchCaps(init_batch=b.init_batch or None, max_batch=b.max_global_batch or None,
+                     local_batch_min=b.local_batch_min or None,
+                     local_batch_max=b.local_batch_max or None,
+                     max_accum_steps=b.max_accum_steps if b.HasField("max_accum_steps") else None)
+    init = b.init_batch or 1
+    kw = dict(init_batch=init, max_batch=b.max_global_batch or max(init, 1 << 20),
               min_replicas=b.min_workers, max_replicas=b.max_workers,
-              local_batch_min=b.local_batch_min, local_batch_max=b.local_batch_max,
+              local_batch_min=b.local_batch_min or 1, local_batch_max=b.local_batch_max or (1 << 30),
               slots_per_node=slots_per_node)
-    if b.HasField("max_accum_steps"):
-        kw["max_accum_steps"] = b.max_accum_steps
+    if caps.max_accum_steps is not None:
+        kw["max_accum_steps"] = caps.max_accum_steps
     try:
-        return JobBounds(**kw).validate()
+        return JobBounds(**kw).validate(), caps
     except BoundsError as exc:
         raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
                         f"job bounds rejected: {exc}") from None
 
 
 def bounds_to_proto(b: JobBounds) -> pb.JobBounds:
+    """The bounds in force (the script's limits within the caps)."""
     return pb.JobBounds(min_workers=b.min_replicas, max_workers=b.max_replicas,
                         init_batch=b.init_batch, max_global_batch=b.max_batch,
                         local_batch_min=b.local_batch_min, local_batch_max=b.local_batch_max,
                         max_accum_steps=b.max_accum_steps)
 
 
-def check_registration(req: pb.RegisterRequest) -> JobBounds:
-    """Validate a registration; return its bounds (policy form)."""
+def check_registration(req: pb.RegisterRequest) -> tuple[JobBounds, BatchCaps]:
+    """Validate a registration; return its provisional bounds and batch caps."""
     check_job_id(req.job_id)
     for name, limit in (("node", 128), ("address", 256)):
         v = getattr(req, name)

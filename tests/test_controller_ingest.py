@@ -31,15 +31,17 @@ BAD_FIELDS = [
     ("zero step time", dict(step_time_s=0.0), "step_time_s must be > 0"),
     ("zero world size", dict(world_size=0), "world_size must be >= 1"),
     ("zero local batch", dict(local_batch=0), "local_batch must be >= 1"),
-    ("negative step", dict(step=-5), "step, accum_steps and epoch must be >= 0"),
-    ("negative accum", dict(accum_steps=-1), "step, accum_steps and epoch must be >= 0"),
+    ("negative step", dict(step=-5), "step must be >= 0, got -5"),
+    ("negative accum", dict(accum_steps=-1), "accum_steps must be >= 0, got -1"),
+    ("max batch below B0", dict(max_batch=32), "max_batch (32) is below init_batch (64)"),
+    ("inverted local bounds", dict(local_batch_min=64, local_batch_max=8),
+     "local_batch_max (8) is below local_batch_min (64)"),
     ("nodes > world", dict(nodes=3), "nodes (3) cannot exceed world_size (2)"),
     ("inf grad_sqr", dict(grad_sqr=float("inf")), "grad_sqr must be a finite number"),
     ("negative grad_var", dict(grad_var=-1.0), "grad_var must be >= 0"),
     ("nan progress", dict(progress=float("nan")), "progress must be a finite number"),
     ("sync > step", dict(sync_time_s=2.0), "sync_time_s cannot exceed step_time_s"),
     ("inf lr", dict(lr=float("inf")), "lr must be finite"),
-    ("wrong B0", dict(init_batch=32), "init_batch 32 differs from the job's registered"),
 ]
 
 

@@ -103,3 +103,57 @@ def test_bad_bounds_and_reports_say_what_to_do():
         kw = bad.to_dict() | {field: value}
         with pytest.raises(ReportError, match=field):
             p.observe(Report(**kw))
+
+
+def test_no_batch_change_on_a_noise_scale_that_was_not_measured():
+    cur = Config(4, 32, 0)
+    p = Policy(BOUNDS, resize_cost_s=1e9)
+    # |G|^2 <= 0: the estimate is not there yet (inf noise scale); before the fix this asked
+    # for the max batch ("goodput +466% (noise scale inf)").
+    for sqr, var in ((0.0, 0.0), (0.0, 5.0), (-1.0, 5.0)):
+        p.observe(report(cur, grad_sqr=sqr, grad_var=var))
+        d = p.decide()
+        assert not d.changes_batch, (sqr, var, d)
+        assert "no noise-scale estimate yet" in d.reason
+
+
+def test_script_limits_are_the_bounds_and_flags_only_tighten_them():
+    from adaptrun.science.policy import BatchCaps, bounds_from_script
+    base = JobBounds(init_batch=1, max_batch=1 << 20, min_replicas=1, max_replicas=2)
+    r = report(Config(1, 32, 0), bounds=JobBounds(init_batch=32, max_batch=32))
+    own = dataclasses_replace(r, max_batch=512, local_batch_min=8, local_batch_max=256,
+                              accumulation=True)
+    b, notes = bounds_from_script(base, BatchCaps(), own)
+    assert (b.init_batch, b.max_batch, b.local_batch_min, b.local_batch_max) == (32, 512, 8, 256)
+    assert b.max_accum_steps > 0 and notes == []
+    b, notes = bounds_from_script(base, BatchCaps(init_batch=64, max_batch=128,
+                                                  local_batch_max=1024), own)
+    assert (b.init_batch, b.max_batch, b.local_batch_max) == (32, 128, 256)
+    assert any("--init-batch 64 differs from the script's batch_size 32" in n for n in notes)
+    assert any("--max-global-batch 128 caps the script's max batch 512" in n for n in notes)
+    # A script without autoscale_batch_size: its batch is fixed, and never accumulated.
+    fixed = dataclasses_replace(r, max_batch=32, accumulation=False)
+    b, _ = bounds_from_script(base, BatchCaps(max_batch=4096), fixed)
+    assert (b.init_batch, b.max_batch, b.max_accum_steps) == (32, 32, 0)
+    p = Policy(b, resize_cost_s=1e9)
+    p.observe(dataclasses_replace(fixed, grad_sqr=1.0, grad_var=1000.0))
+    assert p.decide().config.global_batch == 32
+
+
+def test_a_reversed_resize_bars_the_count_it_left():
+    p = Policy(BOUNDS, resize_cost_s=0.0, holdoff_runs=3)
+    p._moves.runs = 10
+    p._moves.record(4, 8, p.holdoff_runs)       # 4 -> 8 ...
+    p._moves.runs = 12
+    p._moves.record(8, 4, p.holdoff_runs)       # ... and back within 3 runs: 8 is barred
+    assert p._moves.barred(8) and not p._moves.barred(4)
+    p.observe(report(Config(4, 32, 0), grad_sqr=1.0, grad_var=1000.0))
+    d = p.decide()
+    assert d.config.replicas != 8
+    p._moves.runs = 12 + 3
+    assert not p._moves.barred(8)               # the bar lasts holdoff_runs * 2^(flaps-1)
+
+
+def dataclasses_replace(r, **kw):
+    import dataclasses
+    return dataclasses.replace(r, **kw)

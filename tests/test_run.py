@@ -107,7 +107,7 @@ def test_adaptrun_run_adapts_batch_and_workers_exactly_once(tmp_path):
         f"{int((counts == 0).sum())} samples lost, {int((counts > 1).sum())} counted twice")
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
     log = (tmp_path / "run.log").read_text()
-    assert "generation" in log and "job e2e: done" in log
+    assert "] decision " in log and "job e2e (done)" in log
 
     # The same script with a fixed batch, alone: the adaptive model is as good.
     fixed = tmp_path / "fixed"

@@ -59,7 +59,11 @@ def test_same_script_alone_and_under_fixed_torchrun(tmp_path):
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])   # floor: sigma^2/2 = 0.5
     # rank 0 reports every 5 steps to the JSON-lines sink, with the fields the policy reads
     lines = [json.loads(x) for x in reports.read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(5, 51, 5))
+    # ... and once more when the last epoch is done, saying so (and its own limits)
+    assert [r["step"] for r in lines] == list(range(5, 51, 5)) + [50]
+    assert [r["finished"] for r in lines] == [False] * 10 + [True]
+    assert (lines[0]["init_batch"], lines[0]["max_batch"], lines[0]["accumulation"]) == (
+        40, 1000, True)
     assert {"progress", "world_size", "local_batch", "accum_steps", "step_time_s",
             "sync_time_s", "grad_sqr", "grad_var", "loss", "lr"} <= set(lines[0])
     # alone with accumulation allowed: two micro-batches of 20, so the noise is measured

@@ -41,19 +41,21 @@ class RegisterRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., node: _Optional[str] = ..., slots: _Optional[int] = ..., address: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., last_generation: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("agent_id", "bounds", "directive", "report_interval_s")
+    __slots__ = ("agent_id", "bounds", "directive", "report_interval_s", "job_done")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
     REPORT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    JOB_DONE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     bounds: JobBounds
     directive: Directive
     report_interval_s: float
-    def __init__(self, agent_id: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., directive: _Optional[_Union[Directive, _Mapping]] = ..., report_interval_s: _Optional[float] = ...) -> None: ...
+    job_done: bool
+    def __init__(self, agent_id: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., directive: _Optional[_Union[Directive, _Mapping]] = ..., report_interval_s: _Optional[float] = ..., job_done: _Optional[bool] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("job_id", "step", "progress", "world_size", "nodes", "local_batch", "accum_steps", "init_batch", "step_time_s", "sync_time_s", "grad_sqr", "grad_var", "loss", "lr", "epoch", "target_progress", "time_s")
+    __slots__ = ("job_id", "step", "progress", "world_size", "nodes", "local_batch", "accum_steps", "init_batch", "step_time_s", "sync_time_s", "grad_sqr", "grad_var", "loss", "lr", "epoch", "target_progress", "time_s", "max_batch", "local_batch_min", "local_batch_max", "accumulation", "generation", "resize_gap_s", "metric_name", "metric", "finished")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +73,15 @@ class Report(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     TIME_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_BATCH_MIN_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_BATCH_MAX_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_GAP_S_FIELD_NUMBER: _ClassVar[int]
+    METRIC_NAME_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     progress: float
@@ -88,7 +99,16 @@ class Report(_message.Message):
     epoch: int
     target_progress: float
     time_s: float
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., progress: _Optional[float] = ..., world_size: _Optional[int] = ..., nodes: _Optional[int] = ..., local_batch: _Optional[int] = ..., accum_steps: _Optional[int] = ..., init_batch: _Optional[int] = ..., step_time_s: _Optional[float] = ..., sync_time_s: _Optional[float] = ..., grad_sqr: _Optional[float] = ..., grad_var: _Optional[float] = ..., loss: _Optional[float] = ..., lr: _Optional[float] = ..., epoch: _Optional[int] = ..., target_progress: _Optional[float] = ..., time_s: _Optional[float] = ...) -> None: ...
+    max_batch: int
+    local_batch_min: int
+    local_batch_max: int
+    accumulation: bool
+    generation: int
+    resize_gap_s: float
+    metric_name: str
+    metric: float
+    finished: bool
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., progress: _Optional[float] = ..., world_size: _Optional[int] = ..., nodes: _Optional[int] = ..., local_batch: _Optional[int] = ..., accum_steps: _Optional[int] = ..., init_batch: _Optional[int] = ..., step_time_s: _Optional[float] = ..., sync_time_s: _Optional[float] = ..., grad_sqr: _Optional[float] = ..., grad_var: _Optional[float] = ..., loss: _Optional[float] = ..., lr: _Optional[float] = ..., epoch: _Optional[int] = ..., target_progress: _Optional[float] = ..., time_s: _Optional[float] = ..., max_batch: _Optional[int] = ..., local_batch_min: _Optional[int] = ..., local_batch_max: _Optional[int] = ..., accumulation: _Optional[bool] = ..., generation: _Optional[int] = ..., resize_gap_s: _Optional[float] = ..., metric_name: _Optional[str] = ..., metric: _Optional[float] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ("step", "generation")
@@ -147,7 +167,7 @@ class AgentStatus(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., slots: _Optional[int] = ..., address: _Optional[str] = ..., watching: _Optional[bool] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "bounds", "agents", "directive", "desired_workers", "adaptive", "reports_accepted", "reports_rejected", "resizes", "last_report_age_s", "step", "epoch", "progress", "world_size", "global_batch", "local_batch", "accum_steps", "lr", "noise_scale", "throughput_examples_per_s", "statistical_efficiency", "goodput", "last_decision")
+    __slots__ = ("job_id", "bounds", "agents", "directive", "desired_workers", "adaptive", "reports_accepted", "reports_rejected", "resizes", "last_report_age_s", "step", "epoch", "progress", "world_size", "global_batch", "local_batch", "accum_steps", "lr", "noise_scale", "throughput_examples_per_s", "statistical_efficiency", "goodput", "last_decision", "notices", "done", "resize_cost_s", "metric_name", "metric")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +191,11 @@ class JobStatus(_message.Message):
     STATISTICAL_EFFICIENCY_FIELD_NUMBER: _ClassVar[int]
     GOODPUT_FIELD_NUMBER: _ClassVar[int]
     LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
+    NOTICES_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_COST_S_FIELD_NUMBER: _ClassVar[int]
+    METRIC_NAME_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     bounds: JobBounds
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
@@ -194,7 +219,12 @@ class JobStatus(_message.Message):
     statistical_efficiency: float
     goodput: float
     last_decision: str
-    def __init__(self, job_id: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., directive: _Optional[_Union[Directive, _Mapping]] = ..., desired_workers: _Optional[int] = ..., adaptive: _Optional[bool] = ..., reports_accepted: _Optional[int] = ..., reports_rejected: _Optional[int] = ..., resizes: _Optional[int] = ..., last_report_age_s: _Optional[float] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., progress: _Optional[float] = ..., world_size: _Optional[int] = ..., global_batch: _Optional[int] = ..., local_batch: _Optional[int] = ..., accum_steps: _Optional[int] = ..., lr: _Optional[float] = ..., noise_scale: _Optional[float] = ..., throughput_examples_per_s: _Optional[float] = ..., statistical_efficiency: _Optional[float] = ..., goodput: _Optional[float] = ..., last_decision: _Optional[str] = ...) -> None: ...
+    notices: _containers.RepeatedScalarFieldContainer[str]
+    done: bool
+    resize_cost_s: float
+    metric_name: str
+    metric: float
+    def __init__(self, job_id: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., directive: _Optional[_Union[Directive, _Mapping]] = ..., desired_workers: _Optional[int] = ..., adaptive: _Optional[bool] = ..., reports_accepted: _Optional[int] = ..., reports_rejected: _Optional[int] = ..., resizes: _Optional[int] = ..., last_report_age_s: _Optional[float] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., progress: _Optional[float] = ..., world_size: _Optional[int] = ..., global_batch: _Optional[int] = ..., local_batch: _Optional[int] = ..., accum_steps: _Optional[int] = ..., lr: _Optional[float] = ..., noise_scale: _Optional[float] = ..., throughput_examples_per_s: _Optional[float] = ..., statistical_efficiency: _Optional[float] = ..., goodput: _Optional[float] = ..., last_decision: _Optional[str] = ..., notices: _Optional[_Iterable[str]] = ..., done: _Optional[bool] = ..., resize_cost_s: _Optional[float] = ..., metric_name: _Optional[str] = ..., metric: _Optional[float] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs",)

@@ -35,6 +35,18 @@ has been measured (Pollux's rule), and every measurement replaces the prior wher
 applies, so a wrong guess is corrected at the next decision. Local batches are explored the
 same way, for free, since batch changes cost nothing.
 
+Only what was measured. Without a noise-scale estimate (|G|^2 not yet > 0, as on one replica
+with one micro-batch, or early in a run) the efficiency of another batch is unknown: the batch
+stays where it is and worker counts are compared at that batch (where every count has the same
+efficiency); the reason says it waits. The bounds are the script's own (``bounds_from_script``:
+B0, max batch, local bounds and accumulation as ``AdaptiveDataLoader`` declares them, within
+the launcher's optional caps), so a script with a fixed batch never gets another one.
+
+No flapping. The resize cost the controller gives the policy is the measured gap of the job's
+planned re-forms (a prior until the first). A move of replica count that the next decisions
+reverse (tried, measured worse than predicted, moved back) bars the count it went to for
+``holdoff_runs`` decisions, doubling with every further reversal (``_Moves``).
+
 The policy reads only what a live job reports: measured step and sync times of
 configurations it has run, and the gradient statistics at its current batch. It never sees
 the future. It is a plain object with no I/O; the controller and the simulator drive it.
@@ -50,7 +62,8 @@ from .efficiency import gain
 from .report import Report
 from .throughput import ThroughputParams, ThroughputSample, fit, step_time
 
-__all__ = ["Config", "JobBounds", "Decision", "Policy", "BoundsError"]
+__all__ = ["Config", "JobBounds", "BatchCaps", "bounds_from_script", "Decision", "Policy",
+           "BoundsError"]
 
 
 class BoundsError(ValueError):
@@ -112,6 +125,61 @@ class JobBounds:
 
 
 @dataclass(frozen=True)
+class BatchCaps:
+    """Batch limits a launcher flag sets (None: no cap). The script declares its own limits
+    (B0, max batch, local bounds, accumulation) in its reports; a flag can only tighten them."""
+    init_batch: int | None = None
+    max_batch: int | None = None
+    local_batch_min: int | None = None
+    local_batch_max: int | None = None
+    max_accum_steps: int | None = None
+
+
+def bounds_from_script(base: JobBounds, caps: BatchCaps, r: Report) -> tuple[JobBounds, list[str]]:
+    """The job's bounds: what the script declares in report ``r`` within the launcher's
+    ``caps`` (the tighter of the two), keeping ``base``'s worker bounds; and one line per flag
+    that disagrees with the script, saying what is used. A report that declares no limits
+    (``max_batch`` 0) keeps the caps as the limits, with the report's B0."""
+    notes = []
+    b0 = r.init_batch
+    declared = r.max_batch > 0
+    if caps.init_batch and caps.init_batch != b0:
+        notes.append(f"--init-batch {caps.init_batch} differs from the script's batch_size "
+                     f"{b0}: B0 is the script's, {b0} (drop the flag)")
+    hi = r.max_batch if declared else max(caps.max_batch or base.max_batch, b0)
+    if declared and caps.max_batch and caps.max_batch < hi:
+        if caps.max_batch >= b0:
+            notes.append(f"--max-global-batch {caps.max_batch} caps the script's max batch "
+                         f"{hi}: using {caps.max_batch}")
+            hi = caps.max_batch
+        else:
+            notes.append(f"--max-global-batch {caps.max_batch} is below the script's batch_size "
+                         f"{b0}: ignored")
+    lo_l = max(r.local_batch_min or 1, caps.local_batch_min or 1)
+    hi_l = min(r.local_batch_max or (1 << 30), caps.local_batch_max or (1 << 30))
+    if caps.local_batch_min and r.local_batch_min and caps.local_batch_min > r.local_batch_min:
+        notes.append(f"--local-batch-min {caps.local_batch_min} raises the script's lower local "
+                     f"bound {r.local_batch_min}")
+    if caps.local_batch_max and r.local_batch_max and caps.local_batch_max < r.local_batch_max:
+        notes.append(f"--local-batch-max {caps.local_batch_max} lowers the script's upper local "
+                     f"bound {r.local_batch_max}")
+    accum = base.max_accum_steps if (r.accumulation or not declared) else 0
+    if caps.max_accum_steps is not None:
+        accum = min(accum, caps.max_accum_steps)
+    candidate = replace(base, init_batch=b0, max_batch=hi, local_batch_min=lo_l,
+                        local_batch_max=hi_l, max_accum_steps=accum)
+    try:
+        return candidate.validate(), notes
+    except BoundsError as exc:
+        # The flags and the script together admit nothing: the script's own limits win.
+        own = replace(candidate, local_batch_min=r.local_batch_min or 1,
+                      local_batch_max=r.local_batch_max or (1 << 30),
+                      max_batch=r.max_batch if declared else hi)
+        notes.append(f"the flags leave no configuration ({exc}); using the script's own limits")
+        return own.validate(), notes
+
+
+@dataclass(frozen=True)
 class Decision:
     config: Config
     current: Config
@@ -148,6 +216,28 @@ class _Measured:
 
 
 @dataclass
+class _Moves:
+    """Replica-count moves the policy decided, to keep it from flapping: a move reversed within
+    ``holdoff_runs`` decisions bars the count it left for ``holdoff_runs * 2^(flaps - 1)``
+    decisions (every flap of the same count doubles the bar)."""
+    runs: int = 0
+    last: tuple[int, int, int] | None = None       # (run, from replicas, to replicas)
+    flaps: dict = field(default_factory=dict)       # replicas -> reversals counted against it
+    barred_until: dict = field(default_factory=dict)
+
+    def barred(self, replicas: int) -> bool:
+        return self.barred_until.get(replicas, -1) > self.runs
+
+    def record(self, current: int, new: int, holdoff_runs: int) -> None:
+        last = self.last
+        if last is not None and (last[1], last[2]) == (new, current) \
+                and self.runs - last[0] <= holdoff_runs:
+            n = self.flaps[current] = self.flaps.get(current, 0) + 1
+            self.barred_until[current] = self.runs + holdoff_runs * 2 ** (n - 1)
+        self.last = (self.runs, current, new)
+
+
+@dataclass
 class Policy:
     """Goodput-maximising policy with hysteresis; feed it reports, ask it for decisions."""
 
@@ -158,7 +248,9 @@ class Policy:
     payback: float = 4.0
     explore_factor: float = 2.0
     grid_points: int = 48
+    holdoff_runs: int = 10
     _measured: dict = field(default_factory=dict, repr=False)
+    _moves: _Moves = field(default_factory=_Moves, repr=False)
     _params: ThroughputParams | None = field(default=None, repr=False)
     _dirty: bool = field(default=True, repr=False)
     last_report: Report | None = field(default=None, repr=False)
@@ -189,6 +281,7 @@ class Policy:
         p._measured = self._measured
         p._params = self._params
         p._dirty = self._dirty
+        p._moves = self._moves
         return p
 
     def samples(self) -> list[ThroughputSample]:
@@ -222,6 +315,11 @@ class Policy:
         batch = r * a * (k + 1)
         ok = ((batch >= b.init_batch) & (batch <= b.max_batch)
               & (a >= b.local_batch_min) & (a <= b.local_batch_max))
+        if b.max_accum_steps > 0:
+            # One replica measures the gradient noise only between its micro-batches: keep
+            # two or more where the script allows it, or the noise scale (and with it the
+            # batch) would freeze at its last estimate.
+            ok &= (r > 1) | (k > 0)
         return r[ok], a[ok], k[ok]
 
     def goodput(self, replicas, local_batch, accum_steps, grad_sqr=None, grad_var=None):
@@ -264,22 +362,36 @@ class Policy:
         rep = self.last_report
         if rep is None:
             raise RuntimeError("the policy has no report yet; call observe() first")
+        self._moves.runs += 1
         current = Config(rep.world_size, rep.local_batch, rep.accum_steps)
         r, a, k = self.candidates()
         if r.size == 0:
             raise BoundsError("no configuration fits the job's bounds; widen the batch or "
                               "local batch range")
-        g = self.goodput(r, a, k)
-        g_cur = float(self.goodput(current.replicas, current.local_batch, current.accum_steps))
+        # Only what was measured: without a noise-scale estimate (|G|^2 not yet > 0) the
+        # efficiency of another batch is unknown, so the batch stays; worker counts are still
+        # compared at the current batch, where efficiency is the same for all of them.
+        measured = rep.grad_sqr > 0 and math.isfinite(rep.noise_scale)
+        stats = {} if measured else {"grad_sqr": 0.0, "grad_var": 0.0}
+        keep = np.array([not self._moves.barred(int(x)) or x == current.replicas for x in r],
+                        dtype=bool)
+        if not measured:
+            keep &= r * a * (k + 1) == current.global_batch
+        if keep.any():
+            r, a, k = r[keep], a[keep], k[keep]
+        g = self.goodput(r, a, k, **stats)
+        g_cur = float(self.goodput(current.replicas, current.local_batch, current.accum_steps,
+                                   **stats))
         best = int(np.argmax(g))
         best_cfg = Config(int(r[best]), int(a[best]), int(k[best]))
+        waiting = "" if measured else " (no noise-scale estimate yet: the batch waits for one)"
 
         if not self.bounds.admits(current) and not (
                 self.bounds.min_replicas <= current.replicas <= self.bounds.max_replicas):
-            return Decision(best_cfg, current, g_cur, float(g[best]),
-                            f"workers {current.replicas} outside the bounds "
-                            f"[{self.bounds.min_replicas}, {self.bounds.max_replicas}]: "
-                            f"move to {best_cfg.describe()}")
+            return self._move(Decision(best_cfg, current, g_cur, float(g[best]),
+                                       f"workers {current.replicas} outside the bounds "
+                                       f"[{self.bounds.min_replicas}, {self.bounds.max_replicas}]:"
+                                       f" move to {best_cfg.describe()}{waiting}"))
 
         same = np.flatnonzero(r == current.replicas)
         if same.size:
@@ -288,14 +400,40 @@ class Policy:
         else:
             same_cfg, g_same = current, g_cur
 
-        if best_cfg.replicas != current.replicas:
+        # Correct by measurement: a count the job has run at is judged by what it measured
+        # there (today's gradient statistics), not by the model: move back to a measured
+        # count that did better, and never to one that measured worse.
+        meas = self._measured_goodputs(**stats)
+        here = meas.get(current.replicas)
+        if here is not None:
+            others = [(gm, cfg) for r_, (gm, cfg) in meas.items()
+                      if r_ != current.replicas and not self._moves.barred(r_)
+                      and self.bounds.admits(cfg)
+                      and (measured or cfg.global_batch == current.global_batch)]
+            if others:
+                g_back, cfg_back = max(others, key=lambda x: x[0])
+                saved_s = self._remaining_work(here[0]) * (1.0 / here[0] - 1.0 / g_back)
+                if (g_back > here[0] * (1.0 + self.resize_min_gain)
+                        and saved_s > self.payback * self.resize_cost_s):
+                    return self._move(Decision(
+                        cfg_back, current, here[0], g_back,
+                        f"back to {cfg_back.describe()}: measured goodput {g_back:.0f} there "
+                        f"beats {here[0]:.0f} measured at {current.replicas} workers "
+                        f"(+{g_back / here[0] - 1:.0%}){waiting}"))
+            measured_worse = (best_cfg.replicas in meas
+                              and meas[best_cfg.replicas][0] <= here[0])
+        else:
+            measured_worse = False
+
+        if best_cfg.replicas != current.replicas and not measured_worse:
             gain_frac = float(g[best]) / max(g_same, 1e-12) - 1.0
             saved_s = self._resize_saving_s(r, a, k, g_same, float(g[best]), best_cfg.replicas,
                                             current.replicas)
             if gain_frac >= self.resize_min_gain and saved_s > self.payback * self.resize_cost_s:
-                return Decision(best_cfg, current, g_cur, float(g[best]),
-                                f"resize to {best_cfg.describe()}: goodput +{gain_frac:.0%}, "
-                                f"saves >= {saved_s:.0f} s for a {self.resize_cost_s:.0f} s resize")
+                return self._move(Decision(
+                    best_cfg, current, g_cur, float(g[best]),
+                    f"resize to {best_cfg.describe()}: goodput +{gain_frac:.0%}, saves >= "
+                    f"{saved_s:.0f} s for a {self.resize_cost_s:.1f} s resize{waiting}"))
 
         if not self.bounds.admits(current):
             return Decision(same_cfg, current, g_cur, g_same,
@@ -306,4 +444,27 @@ class Policy:
                             f"batch {current.global_batch} -> {same_cfg.global_batch}: "
                             f"goodput +{g_same / g_cur - 1:.0%} (noise scale "
                             f"{rep.noise_scale:.0f})")
-        return Decision(current, current, g_cur, g_cur, "keep: no change pays off")
+        return Decision(current, current, g_cur, g_cur, "keep: no change pays off" + waiting)
+
+    def _measured_goodputs(self, grad_sqr=None, grad_var=None) -> dict:
+        """Per replica count, the best goodput measured there (mean step time of each
+        configuration seen at least twice, today's gradient statistics): {replicas: (goodput,
+        Config)}."""
+        rep = self.last_report
+        sqr = rep.grad_sqr if grad_sqr is None else grad_sqr
+        var = rep.grad_var if grad_var is None else grad_var
+        b0 = self.bounds.init_batch
+        best: dict = {}
+        for (_n, r, a, k), m in self._measured.items():
+            if m.count < 2:
+                continue                  # one report may hold a warm-up step
+            cfg = Config(r, a, k)
+            g = float(b0 * gain(sqr, var, cfg.global_batch / b0) / (m.step_sum / m.count))
+            if r not in best or g > best[r][0]:
+                best[r] = (g, cfg)
+        return best
+
+    def _move(self, d: Decision) -> Decision:
+        if d.changes_replicas:
+            self._moves.record(d.current.replicas, d.config.replicas, self.holdoff_runs)
+        return d

@@ -36,6 +36,18 @@ class Report:
     epoch: int = 0
     target_progress: float = math.nan  # B0-steps the whole run needs, when the job knows it
     time_s: float = 0.0       # seconds since the job started (wall or simulated)
+    # The script's own limits (AdaptiveDataLoader): 0 = not declared (a report of another
+    # source); max_batch == init_batch is a fixed batch.
+    max_batch: int = 0
+    local_batch_min: int = 0
+    local_batch_max: int = 0
+    accumulation: bool = False
+    generation: int = 0       # newest directive the world applied
+    resize_gap_s: float = math.nan  # the planned re-form before this world: last old step to
+                                    # first new step (NaN: none since the last report)
+    metric_name: str = ""     # adaptrun.record_metric(name, value): the script's own figure
+    metric: float = math.nan
+    finished: bool = False    # the job's last epoch is done
 
     @property
     def global_batch(self) -> int:
@@ -52,12 +64,30 @@ class Report:
         if not self.job_id or not isinstance(self.job_id, str):
             raise ReportError("job_id must be a non-empty string")
         for name in ("step", "world_size", "nodes", "local_batch", "accum_steps",
-                     "init_batch", "epoch"):
+                     "init_batch", "epoch", "max_batch", "local_batch_min", "local_batch_max",
+                     "generation"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ReportError(f"{name} must be an integer, got {v!r}")
-        if self.step < 0 or self.accum_steps < 0 or self.epoch < 0:
-            raise ReportError("step, accum_steps and epoch must be >= 0")
+        for name in ("step", "accum_steps", "epoch", "max_batch", "local_batch_min",
+                     "local_batch_max", "generation"):
+            if getattr(self, name) < 0:
+                raise ReportError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if 0 < self.max_batch < self.init_batch:
+            raise ReportError(f"max_batch ({self.max_batch}) is below init_batch "
+                              f"({self.init_batch})")
+        if 0 < self.local_batch_max < self.local_batch_min:
+            raise ReportError(f"local_batch_max ({self.local_batch_max}) is below "
+                              f"local_batch_min ({self.local_batch_min})")
+        if not isinstance(self.metric_name, str) or len(self.metric_name) > 64 or (
+                self.metric_name and not self.metric_name.isprintable()):
+            raise ReportError("metric_name must be at most 64 printable characters")
+        for name in ("resize_gap_s", "metric"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or math.isinf(v):
+                raise ReportError(f"{name} must be a finite number or NaN, got {v!r}")
+        if self.resize_gap_s < 0:
+            raise ReportError(f"resize_gap_s must be >= 0, got {self.resize_gap_s}")
         for name in ("world_size", "nodes", "local_batch", "init_batch"):
             if getattr(self, name) < 1:
                 raise ReportError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -41,8 +41,10 @@ RUN_SERIES = (("global_batch", "global batch"), ("workers", "workers"), ("lr", "
               ("noise_scale", "noise scale (examples)"), ("goodput", "goodput (B0-examples/s)"))
 
 
-def plot_run(samples: list[dict], path: str, title: str) -> None:
-    """A live run's timeline: each of ``RUN_SERIES`` against wall time (``t_s``), as a PNG."""
+def plot_run(samples: list[dict], path: str, title: str,
+             decisions: list[tuple[float, int]] = ()) -> None:
+    """A live run's timeline: each of ``RUN_SERIES`` against wall time (``t_s``), as a PNG,
+    with each decision (time, generation) marked by a dashed line on every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,6 +56,11 @@ def plot_run(samples: list[dict], path: str, title: str) -> None:
         ax.plot(xs, [s.get(key, float("nan")) for s in samples], drawstyle="steps-post")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
+        for t_s, _gen in decisions:
+            ax.axvline(t_s, color="tab:red", linestyle="--", linewidth=0.8, alpha=0.6)
+    for t_s, gen in decisions:
+        axes[0].annotate(f"d{gen}", (t_s, 1.0), xycoords=("data", "axes fraction"),
+                         fontsize=7, color="tab:red", ha="left", va="top")
     axes[-1].set_xlabel("wall time (s)")
     fig.suptitle(title)
     fig.tight_layout()

@@ -55,7 +55,7 @@ class AdaptiveDataLoader:
         self.is_step_end = True
         self.micro_index = 0
         self._in_flight: StepPlan | None = None
-        self._job.registry.register("adaptrun.worker.sampler", self.state)
+        self._job.registry.register("adaptrun.sampler", self.state)
         self._job.loader = self
 
     # ---- configuration -------------------------------------------------------------
@@ -102,6 +102,12 @@ class AdaptiveDataLoader:
                 global_batch = min(global_batch, w * hi)
         self.state.global_batch = global_batch
         self.state.accum_steps = accum_steps
+
+    def declared_limits(self) -> dict:
+        """What the script allows, as the report's fields: the controller plans within it."""
+        lo, hi = self.local_batch_bounds or (0, 0)
+        return {"max_batch": self.max_batch_size, "local_batch_min": lo, "local_batch_max": hi,
+                "accumulation": self.accumulation}
 
     @property
     def current_batch_size(self) -> int:

@@ -40,9 +40,11 @@ __all__ = ["WorldInfo", "form_world", "is_initialized", "world", "job_store", "s
 LEADER_KEY = "adaptrun/pg/leader"
 
 
-@dataclass(frozen=True)
+@dataclass
 class WorldInfo:
-    """Who this worker is in the current world."""
+    """Who this worker is in the current world. One object per process: a re-form in place
+    (``form_world(into=...)``) updates it, so every holder (the script's ``world`` too) sees
+    the current world. Read it, do not change it."""
 
     rank: int
     world_size: int
@@ -116,8 +118,10 @@ def _agree_namespace(store, rank: int, world_size: int, timeout: float) -> str:
         time.sleep(0.01)
 
 
-def form_world(backend: str | None = None, timeout_s_: float | None = None) -> WorldInfo:
-    """Build this worker's process group (idempotent); return who it is."""
+def form_world(backend: str | None = None, timeout_s_: float | None = None,
+               into: WorldInfo | None = None) -> WorldInfo:
+    """Build this worker's process group (idempotent); return who it is. ``into``: the
+    WorldInfo of this process's previous world, updated in place (an in-process re-form)."""
     global _world, _store
     if _world is not None:
         return _world
@@ -143,11 +147,15 @@ def form_world(backend: str | None = None, timeout_s_: float | None = None) -> W
         dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout))
     _store = store
-    _world = WorldInfo(rank=rank, world_size=world_size, local_rank=local_rank,
+    new = WorldInfo(rank=rank, world_size=world_size, local_rank=local_rank,
                        local_world_size=local_world_size, nodes=max(1, min(nodes, world_size)),
                        restart_count=restart_count,
                        run_id=os.environ.get("TORCHELASTIC_RUN_ID", "local"), backend=backend,
                        launched=launched, pg_prefix=prefix, timeout_s=timeout)
+    if into is not None:
+        into.__dict__.update(new.__dict__)
+        new = into
+    _world = new
     return _world
 
 

@@ -17,6 +17,7 @@ __all__ = ["remaining_epochs"]
 
 def remaining_epochs(num_epochs: int) -> Iterator[int]:
     j = job.current("adaptrun.remaining_epochs")
+    j.num_epochs = int(num_epochs)
     while j.state.epoch < num_epochs:
         yield j.state.epoch
         j.end_epoch()

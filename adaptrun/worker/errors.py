@@ -11,6 +11,7 @@ __all__ = [
     "BatchConfigError",
     "SnapshotMismatchError",
     "StateRegistryError",
+    "MissingStateError",
 ]
 
 
@@ -32,3 +33,7 @@ class SnapshotMismatchError(AdaptrunError):
 
 class StateRegistryError(AdaptrunError, ValueError):
     """A state registered twice under one name, or an object without state_dict."""
+
+
+class MissingStateError(AdaptrunError):
+    """A world would start from nothing while its job has committed steps."""

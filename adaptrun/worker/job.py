@@ -11,7 +11,10 @@ in this order, on every rank at the same step:
 3. a snapshot is written every ``ADAPTRUN_SNAPSHOT_EVERY`` steps (default 50) to node-local
    storage by each node's local rank 0 (and to ``ADAPTRUN_CHECKPOINT_DIR`` by rank 0);
 4. if a stop was agreed (a planned re-form reached its step, or the launcher sent SIGTERM to
-   any rank), every rank snapshots and exits with ``PLANNED_EXIT_CODE``.
+   any rank): under adaptrun's agent a planned re-form happens in process
+   (``reform_in_process``: no snapshot, the state stays in memory and goes peer to peer to
+   the ranks that join); otherwise (torchrun, or SIGTERM) every rank snapshots and exits
+   with ``PLANNED_EXIT_CODE``.
 
 Snapshots are on by default under a launcher; alone they are on only when
 ``ADAPTRUN_SNAPSHOT_DIR`` or ``ADAPTRUN_CHECKPOINT_DIR`` is set (so a second ``python train.py``
@@ -25,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 
 import torch.distributed as dist
@@ -32,8 +36,8 @@ import torch.distributed as dist
 from . import checkpoint, directive
 from . import distributed
 from .distributed import WorldInfo
-from .errors import NotInitializedError
-from .state import RNGState, StateRegistry, encode, exchange_newest
+from .errors import MissingStateError, NotInitializedError
+from .state import RNGState, StateRegistry, encode, exchange_newest, snapshot_of
 
 __all__ = ["init", "Job", "JobState", "current", "register_state", "on_world_formed"]
 
@@ -42,12 +46,16 @@ __all__ = ["init", "Job", "JobState", "current", "register_state", "on_world_for
 class JobState:
     epoch: int = 0
     step: int = 0            # committed optimizer steps
+    last_step_wall: float = 0.0   # time.time() when the last committed step ended
+    planned: bool = False    # saved for a planned re-form: the next world measures its gap
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.last_step_wall = float(state.get("last_step_wall", 0.0))
+        self.planned = bool(state.get("planned", False))
 
 
 class Job:
@@ -66,7 +74,10 @@ class Job:
         self.restored_step: int | None = None
         self.term_requested = False
         self.stop_agreed = False
-
+        self.num_epochs = 0           # remaining_epochs(n) sets it: the run's length
+        self.finished = False         # the last epoch is done
+        self.channel = AgentChannel.from_env()   # adaptrun's agent: re-form in process
+        self._parked_store = None
     # ---- restore -------------------------------------------------------------------
     def restore(self) -> None:
         dirs = [self.local_dir, self.persistent_dir] if self.snapshots_on else []
@@ -75,17 +86,31 @@ class Job:
             self.registry.restored, self.registry.restored_from = found
             self.restored_step = int(found[0]["step"])
             self.last_snapshot_step = self.restored_step
-        self.registry.register("adaptrun.worker.job", self.state)
+        committed = int(os.environ.get("ADAPTRUN_COMMITTED_STEP") or 0)
+        if found is None and committed > 0:
+            raise MissingStateError(
+                f"job {self.world.run_id} has committed {committed} steps, but this world of "
+                f"{self.world.world_size} found no snapshot of them (looked in {dirs or 'none'}): "
+                "it will not train the job again from step 0; give the nodes the job's "
+                "snapshots (ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR) or start a new job")
+        self.registry.register("adaptrun.job", self.state)
         self.registry.register("adaptrun.rng", RNGState())
 
     # ---- step boundary -------------------------------------------------------------
     def step_boundary(self) -> None:
         if self.loader is not None:
             self.loader._commit_in_flight()
+        if self.state.planned:        # restored from a planned exit's snapshot
+            self._measure_resize_gap()
         if self.parallel is not None:
             self.parallel._at_boundary()
         step = self.state.step
         due = (self.snapshot_every_steps > 0 and step % self.snapshot_every_steps == 0)
+        if self.stop_agreed:
+            self.state.planned = True
+            if self.channel is not None and not self.term_requested:
+                self.reform_in_process()          # state stays in memory: no snapshot
+                return
         if self.snapshots_on and step != self.last_snapshot_step and (due or self.stop_agreed):
             self.snapshot()
         if self.stop_agreed:
@@ -98,6 +123,50 @@ class Job:
         if self.world.rank == 0 and self.persistent_dir is not None:
             checkpoint.write(self.persistent_dir, self.state.step, data)
         self.last_snapshot_step = self.state.step
+
+    def reform_in_process(self) -> None:
+        """A planned re-form under adaptrun's agent: keep this process and its state.
+
+        Every rank passes a barrier, rank 0 marks the world ``parked`` in its store (kept up
+        until the next re-form, so every agent can read it), and the process group is torn
+        down. The agent then sends this process either the next world's environment (it
+        stays: the group re-forms over the new store, the newest state goes from a holder's
+        memory to the ranks that lack it, DDP is rebuilt) or an exit code (its node leaves;
+        75 asks for a snapshot first)."""
+        self.stop_agreed = False
+        if self.world.world_size > 1:
+            dist.barrier()
+        store = distributed.job_store()
+        if self.world.rank == 0 and store is not None:
+            store.set(directive.STATUS_KEY, json.dumps(
+                {"step": self.state.step, "epoch": self.state.epoch, "parked": True}))
+        self._parked_store = store
+        distributed.shutdown()
+        msg = self.channel.receive(self.world.timeout_s)
+        if msg is None:
+            sys.stderr.write("adaptrun: the agent went away during a re-form; exiting\n")
+            raise SystemExit(1)
+        if "exit" in msg:
+            code = int(msg["exit"])
+            if code == directive.PLANNED_EXIT_CODE and self.snapshots_on:
+                self.snapshot()                   # leaving without a new world: keep the state
+            sys.stdout.flush()
+            raise SystemExit(code)
+        os.environ.update({k: str(v) for k, v in msg["env"].items()})
+        distributed.form_world(self.world.backend, self.world.timeout_s, into=self.world)
+        exchange_newest(self.world.rank, self.world.world_size, [], memory=(
+            self.state.step, lambda: snapshot_of(self.registry, self.state.step,
+                                                 self.state.epoch)))
+        if self.parallel is not None:
+            self.parallel._rebuild()
+        self._measure_resize_gap()        # the new world's first step comes next
+
+    def _measure_resize_gap(self) -> None:
+        """Just before the first step of a world a planned re-form made: the gap since the old
+        world's last step is what the resize cost (reported; the policy weighs it)."""
+        self.state.planned = False
+        if self.parallel is not None and self.state.last_step_wall > 0:
+            self.parallel._resize_gap_s = max(0.0, time.time() - self.state.last_step_wall)
 
     def planned_exit(self) -> None:
         if self.world.world_size > 1:
@@ -120,6 +189,9 @@ class Job:
         self.state.epoch += 1
 
     def finish(self) -> None:
+        self.finished = True
+        if self.world.rank == 0 and self.parallel is not None:
+            self.parallel._report()       # says the job is done (finished=True)
         if self.world.rank == 0 and self.persistent_dir is not None:
             checkpoint.write(self.persistent_dir, self.state.step,
                              encode(self.registry, self.state.step, self.state.epoch))
@@ -137,6 +209,41 @@ class Job:
         timer.start()
         if self.parallel is None:       # not training yet: nothing to save
             raise SystemExit(128 + signal.SIGTERM)
+
+
+class AgentChannel:
+    """JSON lines from adaptrun's agent (a pipe, ``ADAPTRUN_AGENT_FD``): how a parked worker
+    learns its next world. Absent under other launchers (torchrun): re-forms then restart."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._buf = b""
+
+    @classmethod
+    def from_env(cls) -> "AgentChannel | None":
+        fd = os.environ.get("ADAPTRUN_AGENT_FD", "")
+        if not fd.isdigit() or os.environ.get("ADAPTRUN_REFORM_IN_PROCESS", "1") == "0":
+            return None
+        try:
+            os.fstat(int(fd))
+        except OSError:
+            return None
+        return cls(int(fd))
+
+    def receive(self, timeout_s: float) -> dict | None:
+        """The next message; None when the agent closed the pipe or said nothing in time."""
+        import select
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
 
 
 _job: Job | None = None

@@ -54,6 +54,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         if world.backend == "nccl":
             model = model.cuda(world.local_rank)
             ddp_kwargs.setdefault("device_ids", [world.local_rank])
+        self._ddp_kwargs = ddp_kwargs
         self.ddp = DistributedDataParallel(model, **ddp_kwargs)
         self.ddp.register_comm_hook(None, self._comm_hook)
         self.optimizer = optimizer
@@ -75,6 +76,8 @@ class AdaptiveDataParallel(torch.nn.Module):
         self.lr = math.nan
         self._t_start = time.monotonic()
         self._t_last_step = None
+        self._last_times = (1e-9, 0.0)
+        self._resize_gap_s = math.nan    # measured by the job after a planned re-form
         self._step_times: list[float] = []
         self._sync_times: list[float] = []
         self._prev: dict[int, torch.Tensor] = {}     # accumulated grads before this micro-batch
@@ -91,7 +94,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         reg.register("optimizer", optimizer)
         if lr_scheduler is not None:
             reg.register("lr_scheduler", lr_scheduler)
-        reg.register("adaptrun.worker.parallel", self._State(self))
+        reg.register("adaptrun.parallel", self._State(self))
         self._job.parallel = self
 
     def _wrap_optimizer(self, optimizer) -> None:
@@ -112,6 +115,22 @@ class AdaptiveDataParallel(torch.nn.Module):
 
         optimizer.step = adaptive_step
         optimizer.zero_grad = adaptive_zero_grad
+
+    def _rebuild(self) -> None:
+        """After an in-process re-form: DDP over the new process group, per-world caches
+        dropped (bucket layout, step timings, an unapplied directive of the old world)."""
+        model = self.ddp.module
+        del self.ddp
+        self.ddp = DistributedDataParallel(model, **self._ddp_kwargs)
+        self.ddp.register_comm_hook(None, self._comm_hook)
+        self._precond_flat.clear()
+        self._prev.clear()
+        self._step_times.clear()
+        self._sync_times.clear()
+        self._t_last_step = None
+        self._offer = self._pending = self._reform_at = None
+        self._last_poll = 0.0
+        self._reset_step_stats()
 
     # ---- the wrapped module ----------------------------------------------------------
     @property
@@ -372,6 +391,7 @@ class AdaptiveDataParallel(torch.nn.Module):
             g["lr"] = lr
         self._progress += self._gain
         self._job.state.step += 1
+        self._job.state.last_step_wall = time.time()
         if self._job.loader is not None:
             self._job.loader._commit_in_flight(stepped=True)
         now = time.monotonic()
@@ -384,14 +404,21 @@ class AdaptiveDataParallel(torch.nn.Module):
             self._report()
 
     def _report(self) -> None:
-        step_time = (sum(self._step_times) / len(self._step_times)) if self._step_times else 1e-9
-        sync_time = (sum(self._sync_times) / len(self._sync_times)) if self._sync_times else 0.0
+        if self._step_times:
+            step_time = sum(self._step_times) / len(self._step_times)
+            sync_time = (sum(self._sync_times) / len(self._sync_times)) if self._sync_times else 0.0
+            self._last_times = (step_time, min(sync_time, step_time))
+        step_time, sync_time = self._last_times   # a report between steps repeats the last
         self._step_times.clear()
         self._sync_times.clear()
         known = self._gns.updates > 0 and math.isfinite(self.grad_sqr)
-        loader = self._job.loader
+        j = self._job
+        loader = j.loader
         local_batch = loader.current_local_batch_size if loader is not None else (
             self._input_batch or 1)
+        limits = loader.declared_limits() if loader is not None else {}
+        metric = reporting.recorded_metric()
+        gap, self._resize_gap_s = self._resize_gap_s, math.nan
         rep = Report(job_id=self._world.run_id, step=self.step, progress=self._progress,
                      world_size=self._world.world_size, nodes=self._world.nodes,
                      local_batch=max(1, local_batch), accum_steps=self.accum_steps,
@@ -399,18 +426,28 @@ class AdaptiveDataParallel(torch.nn.Module):
                      sync_time_s=min(sync_time, max(step_time, 1e-9)),
                      grad_sqr=float(self.grad_sqr) if known else 0.0,
                      grad_var=max(0.0, float(self.grad_var)) if known else 0.0,
-                     loss=self._loss, lr=float(self.lr), epoch=self._job.state.epoch,
-                     time_s=time.monotonic() - self._t_start)
+                     loss=self._loss, lr=float(self.lr), epoch=j.state.epoch,
+                     target_progress=self._target_progress(),
+                     time_s=time.monotonic() - self._t_start, generation=self._generation,
+                     resize_gap_s=gap, metric_name=metric[0] if metric else "",
+                     metric=metric[1] if metric else math.nan, finished=j.finished, **limits)
         reporting.emit(rep)
         store = distributed.job_store()
         if store is not None:
             try:
                 store.set(directive_mod.STATUS_KEY, json.dumps(
-                    {"step": self.step, "epoch": self._job.state.epoch,
+                    {"step": self.step, "epoch": j.state.epoch,
                      "generation": self._generation, "world_size": self._world.world_size,
                      "global_batch": self.global_batch}))
             except Exception:
                 pass
+
+    def _target_progress(self) -> float:
+        """B0-steps the whole run takes, when ``remaining_epochs(n)`` told the length."""
+        loader, epochs = self._job.loader, self._job.num_epochs
+        if loader is None or not epochs:
+            return math.nan
+        return float(epochs * math.ceil(len(loader.dataset) / loader.state.init_batch))
 
     # ---- step boundary (called by job) -------------------------------------------
     def _at_boundary(self) -> None:
@@ -418,7 +455,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         if d is not None and d.generation > self._generation:
             self._pending = None
             self._generation = d.generation
-            if self._job.loader is not None:
+            if self._job.loader is not None and d.global_batch > 0:   # 0: only the workers
                 self._job.loader._apply_batch(d.global_batch, d.accum_steps)
             if d.reform_at_step is not None:
                 self._reform_at = d.reform_at_step

@@ -13,9 +13,29 @@ from typing import Callable
 
 from ..science.report import Report
 
-__all__ = ["add_report_sink", "remove_report_sink", "emit", "JsonLinesSink"]
+__all__ = ["add_report_sink", "remove_report_sink", "emit", "JsonLinesSink", "record_metric",
+           "recorded_metric"]
 
 _sinks: list[Callable[[Report], None]] = []
+_metric: tuple[str, float] | None = None
+
+
+def record_metric(name: str, value: float) -> None:
+    """The script's own figure of merit (e.g. held-out accuracy), shown in ``adaptrun run``'s
+    summary and ``adaptrun status``: call it on any rank; rank 0's value is reported at once."""
+    global _metric
+    name = str(name)
+    if not name or len(name) > 64 or not name.isprintable():
+        raise ValueError(f"record_metric: name must be 1-64 printable characters, got {name!r}")
+    _metric = (name, float(value))
+    from . import job
+    j = job._job
+    if j is not None and j.parallel is not None and j.world.rank == 0:
+        j.parallel._report()
+
+
+def recorded_metric() -> tuple[str, float] | None:
+    return _metric
 
 
 class JsonLinesSink:

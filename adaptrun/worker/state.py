@@ -11,10 +11,14 @@ Semantics
 - ``encode``/``decode`` turn the registry into snapshot bytes and back; a snapshot carries the
   model's fingerprint (parameter names and shapes) and restoring one taken from another model
   raises ``SnapshotMismatchError``.
-- ``exchange_newest(group)`` is the restore after a re-form, and the only collective here:
-  every rank offers the step of the newest snapshot it can read (node-local or persistent),
-  the rank with the newest sends its bytes to all over the *current* process group. It does
-  not care how the group was formed (a torchrun restart today, an in-process re-form later).
+- ``exchange_newest`` is the restore after a re-form, and the only collective here: every
+  rank offers the step of the newest state it holds, in memory (a rank that re-formed in
+  process) or in a snapshot it can read (node-local or persistent); the newest wins, memory
+  before disk at the same step. From memory the holder sends the state tensor by tensor (one
+  flat buffer per dtype, no serialisation) to the ranks that need it, over a group of just
+  them: a scale-down moves nothing. From disk it sends the snapshot's bytes to all. It does
+  not care how the group was formed (a restart of every process, or survivors re-forming in
+  process with fresh joiners).
 """
 from __future__ import annotations
 
@@ -118,12 +122,17 @@ class StateRegistry:
         return {name: obj.state_dict() for name, obj in self._objects.items()}
 
 
-def encode(registry: StateRegistry, step: int, epoch: int) -> bytes:
+def snapshot_of(registry: StateRegistry, step: int, epoch: int) -> dict:
+    """The job's state as a snapshot dict (tensors are the live ones: no copy)."""
     model = registry.get("model")
+    return {"format": SNAPSHOT_FORMAT, "step": int(step), "epoch": int(epoch),
+            "fingerprint": fingerprint(model) if model is not None else [],
+            "states": registry.collect()}
+
+
+def encode(registry: StateRegistry, step: int, epoch: int) -> bytes:
     buf = io.BytesIO()
-    torch.save({"format": SNAPSHOT_FORMAT, "step": int(step), "epoch": int(epoch),
-                "fingerprint": fingerprint(model) if model is not None else [],
-                "states": registry.collect()}, buf)
+    torch.save(snapshot_of(registry, step, epoch), buf)
     return buf.getvalue()
 
 
@@ -136,23 +145,104 @@ def decode(data: bytes, origin: str = "snapshot") -> dict:
     return snap
 
 
-def exchange_newest(rank: int, world_size: int, dirs: list[Path | None]) -> tuple[dict, str] | None:
-    """Collective: find the newest snapshot any rank holds and give it to every rank."""
+class _TensorSlot:
+    """Where a tensor sat in a state dict sent from memory: its dtype's buffer, offset, shape,
+    and whether it lived on the CPU (an RNG state must come back there)."""
+
+    def __init__(self, dtype, offset: int, shape, on_cpu: bool):
+        self.dtype, self.offset, self.shape, self.on_cpu = dtype, offset, tuple(shape), on_cpu
+
+
+def _strip(obj, tensors: dict):
+    """``obj`` with every tensor replaced by a ``_TensorSlot``; the tensors go to ``tensors``
+    (dtype -> list), in order."""
+    if torch.is_tensor(obj):
+        group = tensors.setdefault(obj.dtype, [])
+        offset = sum(t.numel() for t in group)
+        group.append(obj.detach())
+        return _TensorSlot(obj.dtype, offset, obj.shape, obj.device.type == "cpu")
+    if isinstance(obj, dict):
+        return type(obj)((k, _strip(v, tensors)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_strip(v, tensors) for v in obj)
+    return obj
+
+
+def _fill(obj, buffers: dict):
+    if isinstance(obj, _TensorSlot):
+        n = 1
+        for d in obj.shape:
+            n *= d
+        t = buffers[obj.dtype][obj.offset:obj.offset + n].view(obj.shape)
+        return t.cpu() if obj.on_cpu else t
+    if isinstance(obj, dict):
+        return type(obj)((k, _fill(v, buffers)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_fill(v, buffers) for v in obj)
+    return obj
+
+
+def _send_from_memory(snapshot: dict | None, holder: int, rank: int, group) -> dict:
+    """Broadcast ``snapshot`` (on ``holder``) to the ranks of ``group``: the structure once,
+    then one flat buffer per dtype."""
+    tensors: dict = {}
+    skeleton = [_strip(snapshot, tensors) if rank == holder else None]
+    sizes = [{dt: sum(t.numel() for t in ts) for dt, ts in tensors.items()}]
+    dist.broadcast_object_list(skeleton, src=holder, group=group)
+    dist.broadcast_object_list(sizes, src=holder, group=group)
+    dev = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+           else torch.device("cpu"))
+    buffers = {}
+    for dtype, n in sizes[0].items():
+        if rank == holder:
+            flat = torch.cat([t.reshape(-1).to(dev) for t in tensors[dtype]]) if n else \
+                torch.empty(0, dtype=dtype, device=dev)
+        else:
+            flat = torch.empty(n, dtype=dtype, device=dev)
+        dist.broadcast(flat, src=holder, group=group)
+        buffers[dtype] = flat
+    return snapshot if rank == holder else _fill(skeleton[0], buffers)
+
+
+def exchange_newest(rank: int, world_size: int, dirs: list[Path | None],
+                    memory=None) -> tuple[dict, str] | None:
+    """Collective: find the newest state any rank holds and give it to the ranks that need it.
+
+    ``memory``: (step, callable returning the snapshot dict) of a rank that holds the job's
+    state in memory. Returns (snapshot, origin) to a rank that needed the state; None to a
+    rank that holds it already, or when no rank holds any state."""
     best: tuple[int, Path] | None = None
     for d in dirs:
         found = checkpoint.newest(d)
         if found is not None and (best is None or found[0] > best[0]):
             best = found
-    offer = torch.tensor([best[0] if best else -1, rank], dtype=torch.int64)
+    mem_step = int(memory[0]) if memory is not None else -1
+    disk_step = best[0] if best else -1
+    if mem_step >= disk_step and memory is not None:
+        offer = torch.tensor([mem_step, 1, rank], dtype=torch.int64)
+    else:
+        offer = torch.tensor([disk_step, 0, rank], dtype=torch.int64)
     if world_size > 1:
-        offers = [torch.zeros(2, dtype=torch.int64) for _ in range(world_size)]
+        offers = [torch.zeros(3, dtype=torch.int64) for _ in range(world_size)]
         dist.all_gather(offers, offer)
     else:
         offers = [offer]
-    step, holder = max(((int(o[0]), -int(o[1])) for o in offers))
-    holder = -holder
+    step, in_memory, neg_holder = max((int(o[0]), int(o[1]), -int(o[2])) for o in offers)
+    holder = -neg_holder
     if step < 0:
         return None
+    if in_memory:
+        needers = [int(o[2]) for o in offers if not (int(o[0]) == step and int(o[1]))]
+        origin = f"the state of step {step} in the memory of rank {holder}"
+        if not needers:
+            return None               # every rank holds the newest state already
+        ranks = sorted({holder, *needers})
+        group = dist.new_group(ranks=ranks)   # every rank calls it, members or not
+        if rank not in needers:
+            if rank == holder:
+                _send_from_memory(memory[1](), holder, rank, group)
+            return None               # this rank holds the newest state already
+        return _send_from_memory(None, holder, rank, group), origin
     if rank == holder:
         data = checkpoint.read(best[1])
         size = torch.tensor([len(data)], dtype=torch.int64)

@@ -67,6 +67,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--gns-decay", type=float, default=0.99)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--example-sleep", type=float, default=0.0,
+                   help="seconds each micro-batch sleeps per example it holds: throughput that "
+                        "grows with workers, known by construction")
+    p.add_argument("--crowd", action="store_true",
+                   help="with --example-sleep: the sleep grows with the world size squared, so "
+                        "a second worker makes each step twice as slow (ranks sharing a core)")
     p.add_argument("--pace-file", default="",
                    help="when it exists, seconds to sleep after each step (read every step)")
     p.add_argument("--accum", type=int, default=0,
@@ -104,6 +110,9 @@ def main() -> None:
         for x, y, idx in loader:
             step_counts.index_add_(0, loader.current_indices,
                                    torch.ones(len(loader.current_indices), dtype=torch.int32))
+            if args.example_sleep:
+                time.sleep(args.example_sleep * len(idx)
+                           * (world.world_size ** 2 if args.crowd else 1))
             opt.zero_grad()
             loss = 0.5 * (model(x) - y).pow(2).mean()
             loss.backward()
