@@ -115,6 +115,11 @@ def test_no_batch_change_on_a_noise_scale_that_was_not_measured():
         d = p.decide()
         assert not d.changes_batch, (sqr, var, d)
         assert "no noise-scale estimate yet" in d.reason
+    # Once measured, a window whose estimate is undefined keeps the last measured one.
+    p.observe(report(cur, grad_sqr=1.0, grad_var=1000.0))
+    p.observe(report(cur, grad_sqr=-1.0, grad_var=1000.0))
+    d = p.decide()
+    assert d.changes_batch and "noise scale 128000" in d.reason, d.reason
 
 
 def test_script_limits_are_the_bounds_and_flags_only_tighten_them():

@@ -203,6 +203,11 @@ class Decision:
         return self.goodput_chosen / self.goodput_current - 1.0
 
 
+def b0_noise(init_batch: int, grad_sqr: float, grad_var: float) -> float:
+    """The noise scale B0 * grad_var / |G|^2 in examples (inf without |G|^2 > 0)."""
+    return init_batch * max(grad_var, 0.0) / grad_sqr if grad_sqr > 0 else math.inf
+
+
 def _local_batch_grid(lo: int, hi: int, points: int) -> np.ndarray:
     grid = np.unique(np.round(np.geomspace(lo, hi, points)).astype(int))
     return grid[(grid >= lo) & (grid <= hi)]
@@ -251,6 +256,7 @@ class Policy:
     holdoff_runs: int = 10
     _measured: dict = field(default_factory=dict, repr=False)
     _moves: _Moves = field(default_factory=_Moves, repr=False)
+    _stats: tuple[float, float] | None = field(default=None, repr=False)  # last measured
     _params: ThroughputParams | None = field(default=None, repr=False)
     _dirty: bool = field(default=True, repr=False)
     last_report: Report | None = field(default=None, repr=False)
@@ -273,6 +279,8 @@ class Policy:
         # changes little between, and the controller and simulator call this often.
         if m.count & (m.count - 1) == 0:
             self._dirty = True
+        if report.grad_sqr > 0 and math.isfinite(report.noise_scale):
+            self._stats = (report.grad_sqr, report.grad_var)
         self.last_report = report
 
     def with_bounds(self, bounds: JobBounds) -> "Policy":
@@ -282,6 +290,7 @@ class Policy:
         p._params = self._params
         p._dirty = self._dirty
         p._moves = self._moves
+        p._stats = self._stats
         return p
 
     def samples(self) -> list[ThroughputSample]:
@@ -368,11 +377,14 @@ class Policy:
         if r.size == 0:
             raise BoundsError("no configuration fits the job's bounds; widen the batch or "
                               "local batch range")
-        # Only what was measured: without a noise-scale estimate (|G|^2 not yet > 0) the
+        # Only what was measured: without a noise-scale estimate (|G|^2 never yet > 0) the
         # efficiency of another batch is unknown, so the batch stays; worker counts are still
-        # compared at the current batch, where efficiency is the same for all of them.
-        measured = rep.grad_sqr > 0 and math.isfinite(rep.noise_scale)
-        stats = {} if measured else {"grad_sqr": 0.0, "grad_var": 0.0}
+        # compared at the current batch, where efficiency is the same for all of them. A
+        # report whose estimate is momentarily undefined (|G|^2 <= 0 in one noisy window)
+        # leaves the last measured one in force.
+        measured = self._stats is not None
+        sqr, var = self._stats if measured else (0.0, 0.0)
+        stats = {"grad_sqr": sqr, "grad_var": var}
         keep = np.array([not self._moves.barred(int(x)) or x == current.replicas for x in r],
                         dtype=bool)
         if not measured:
@@ -443,7 +455,7 @@ class Policy:
             return Decision(same_cfg, current, g_cur, g_same,
                             f"batch {current.global_batch} -> {same_cfg.global_batch}: "
                             f"goodput +{g_same / g_cur - 1:.0%} (noise scale "
-                            f"{rep.noise_scale:.0f})")
+                            f"{b0_noise(self.bounds.init_batch, sqr, var):.0f})")
         return Decision(current, current, g_cur, g_cur, "keep: no change pays off" + waiting)
 
     def _measured_goodputs(self, grad_sqr=None, grad_var=None) -> dict:

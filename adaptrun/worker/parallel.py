@@ -18,6 +18,9 @@ What it does each optimizer step (no extra backward, one tiny extra all-reduce):
   step, so the user's scheduler keeps working on its own LR. ``progress`` adds r per step.
 - Rank 0 emits a ``report.Report`` every ``report_every_steps`` (``reporting``).
 
+``ghost_batch_size=N`` turns every BatchNorm into ghost batch norm over virtual batches of N
+examples (``ghost_bn``), so BN statistics do not move when the local batch does.
+
 Read-only: ``noise_scale`` (examples), ``grad_sqr`` (|G|^2), ``grad_var`` (tr(Sigma)/B0),
 ``gain``, ``progress`` (B0-equivalent steps), ``accum_steps``, ``lr_factor``, ``step``.
 """
@@ -37,6 +40,7 @@ from ..science import efficiency
 from ..science.gns import GNSState, unbiased_estimates
 from ..science.report import Report
 from ..science.scaling import AdaScale, ScalingRule
+from .ghost_bn import convert_ghost_batch_norm
 
 __all__ = ["AdaptiveDataParallel"]
 
@@ -47,10 +51,15 @@ _PRECOND_REFRESH_STEPS = 10
 class AdaptiveDataParallel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler=None, scaling_rule: ScalingRule | None = None, *,
-                 gns_decay: float = 0.99, report_every_steps: int = 10, **ddp_kwargs):
+                 gns_decay: float = 0.99, report_every_steps: int = 10,
+                 ghost_batch_size: int | None = None, **ddp_kwargs):
         world = distributed.world("AdaptiveDataParallel")
         self._job = job.current("AdaptiveDataParallel")
         super().__init__()
+        if ghost_batch_size:
+            # BatchNorm statistics over fixed virtual batches: the same whatever local batch
+            # the controller picks (Hoffer et al.); parameters and state_dict keys unchanged.
+            model = convert_ghost_batch_norm(model, ghost_batch_size)
         if world.backend == "nccl":
             model = model.cuda(world.local_rank)
             ddp_kwargs.setdefault("device_ids", [world.local_rank])
