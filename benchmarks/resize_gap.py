@@ -67,9 +67,15 @@ SCENARIOS = (("up", "scale-up 1->2"), ("down", "scale-down 2->1"),
 
 # ---- reading the step logs -------------------------------------------------------------
 def _new_start(rows: list[dict], t_event: float) -> float | None:
-    """When rank 0 of the first world started after ``t_event`` wrote its start line."""
+    """When the first world formed after ``t_event`` began: rank 0 of a restarted world
+    writes a start line; a world re-formed in process (adaptrun's agent keeps rank 0's
+    process) shows as rank 0's first step with another world size than the step before."""
     ts = [r["t"] for r in rows if r.get("event") == "start" and r["rank"] == 0
           and r["t"] >= t_event]
+    steps = sorted((r for r in rows if r.get("event") == "step" and r["rank"] == 0),
+                   key=lambda r: r["t"])
+    ts += [b["t"] - 1e-6 for a, b in zip(steps, steps[1:])
+           if b["t"] >= t_event and a["world"] != b["world"]]
     return min(ts) if ts else None
 
 

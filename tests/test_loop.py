@@ -65,7 +65,7 @@ def test_own_script_without_flags_adapts_and_the_policy_adds_a_worker(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_a_slower_second_worker_is_tried_and_left(tmp_path):
-    log, rows, summary = _run(tmp_path, "--samples", "3000", "--epochs", "3",
+    log, rows, summary = _run(tmp_path, "--samples", "2400", "--epochs", "3",
                               "--example-sleep", "0.002", "--crowd")
     worlds = [r["world"] for r in rows]
     changes = [(a, b) for a, b in zip(worlds, worlds[1:]) if a != b]
