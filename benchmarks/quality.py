@@ -1,0 +1,166 @@
+"""Model quality of adaptive batch training next to fixed batches, on the real examples.
+
+For ``examples/digits_cnn.py`` (SGD, linear rule, held-out accuracy: higher is better) and
+``examples/char_lm.py`` (Adam, square-root rule, held-out bits per char: lower is better),
+three settings, each over ``--seeds`` seeds, the same epochs:
+
+    fixed_b0     the fixed initial batch B0 (--max-batch 0)
+    fixed_large  a fixed batch --large-factor x B0, the LR scaled from B0 by the example's
+                 rule and warmed up (--batch-size k*B0 --lr-batch B0 --max-batch 0)
+    adaptive     autoscale_batch_size with accumulation (the example's default)
+
+Every run is ``python examples/X.py ...`` alone (a world of one). Alone nothing changes the
+batch: adaptive then trains at B0 with two accumulation micro-batches per step (that is how
+one replica measures the noise scale). ``--under-run`` runs the adaptive setting under
+``adaptrun run --min-workers 1 --max-workers 2`` instead, where the embedded controller
+changes the batch (and the workers). Seeds and settings interleave so the shared machine's
+noise spreads over all of them. The script's ``final <metric> <value>`` and ``steps N``
+lines are parsed (from the agent's log under ``--under-run``); wall time is the whole
+process, start-up included.
+
+Prints per example a table: setting, metric mean +- std, wall time, optimizer steps, and the
+ratios adaptive / fixed_b0 (and fixed_large / fixed_b0) of steps and metric.
+
+    python benchmarks/quality.py --seeds 3
+    python benchmarks/quality.py --only digits --epochs 3 --under-run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = {
+    "digits": {"script": "digits_cnn.py", "b0": 32, "better": "higher"},
+    "char": {"script": "char_lm.py", "b0": 32, "better": "lower"},
+}
+SETTINGS = ("fixed_b0", "fixed_large", "adaptive")
+
+
+def setting_flags(setting: str, b0: int, large_factor: int) -> list[str]:
+    if setting == "fixed_b0":
+        return ["--batch-size", str(b0), "--max-batch", "0"]
+    if setting == "fixed_large":
+        return ["--batch-size", str(large_factor * b0), "--lr-batch", str(b0), "--max-batch", "0"]
+    return ["--batch-size", str(b0)]
+
+
+def base_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                        "ADAPTRUN_CHECKPOINT_DIR", "ADAPTRUN_SNAPSHOT_DIR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def parse(text: str) -> tuple[str, float, int] | None:
+    """(metric name, value, steps) from the ``final`` and ``steps`` lines, or None."""
+    name = value = steps = None
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "final":
+            name, value = words[1], float(words[2])
+        elif len(words) == 2 and words[0] == "steps" and words[1].isdigit():
+            steps = int(words[1])
+    return None if value is None or steps is None else (name, value, steps)
+
+
+def run_one(cmd: list[str], timeout_s: float, log_dir: pathlib.Path | None) -> dict:
+    """Run ``cmd`` in its own session (killed whole on timeout); metric, steps, wall time."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=base_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"timed out after {timeout_s:.0f} s: {' '.join(cmd)}") from None
+    wall = time.monotonic() - t0
+    if log_dir is not None:                    # under adaptrun run the workers log there
+        out += "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("*.log")))
+    parsed = parse(out)
+    if proc.returncode != 0 or parsed is None:
+        raise RuntimeError(f"exit {proc.returncode}, no final/steps lines: {' '.join(cmd)}\n"
+                           + out[-3000:])
+    name, value, steps = parsed
+    return {"metric_name": name, "metric": value, "steps": steps, "wall_s": wall}
+
+
+def command(example: dict, setting: str, seed: int, args, tmp: pathlib.Path):
+    flags = setting_flags(setting, example["b0"], args.large_factor) + ["--seed", str(seed)]
+    if args.epochs:
+        flags += ["--epochs", str(args.epochs)]
+    script = [sys.executable, str(REPO / "examples" / example["script"]), *flags]
+    if setting == "adaptive" and args.under_run:
+        log_dir = pathlib.Path(tempfile.mkdtemp(dir=tmp))
+        return [sys.executable, "-m", "adaptrun.cli", "run", "--min-workers", "1",
+                "--max-workers", "2", "--no-progress", "--plot", "", "--log-dir",
+                str(log_dir), "--", *script], log_dir
+    return script, None
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def print_table(name: str, example: dict, results: dict, args) -> None:
+    metric_name = next(iter(results["fixed_b0"]))["metric_name"]
+    adaptive = "adaptive (adaptrun run)" if args.under_run else "adaptive (alone)"
+    print(f"\n{name}: {example['script']}, {metric_name} ({example['better']} is better), "
+          f"B0 {example['b0']}, large batch {args.large_factor * example['b0']}, "
+          f"{args.seeds} seeds")
+    print(f"{'setting':<24} {metric_name + ' mean +- std':>22} {'wall s':>8} {'steps':>8}")
+    stats = {}
+    for setting in SETTINGS:
+        rows = results[setting]
+        m, s = mean_std([r["metric"] for r in rows])
+        stats[setting] = {"metric": m, "steps": statistics.fmean(r["steps"] for r in rows)}
+        label = adaptive if setting == "adaptive" else setting
+        print(f"{label:<24} {m:>13.4f} +- {s:<6.4f} "
+              f"{statistics.fmean(r['wall_s'] for r in rows):>8.1f} "
+              f"{stats[setting]['steps']:>8.0f}")
+    base = stats["fixed_b0"]
+    for setting in ("adaptive", "fixed_large"):
+        st = stats[setting]
+        print(f"ratio {setting} / fixed_b0: steps {st['steps'] / base['steps']:.3f}, "
+              f"{metric_name} {st['metric'] / base['metric']:.4f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    p.add_argument("--epochs", type=int, default=0, help="0: each example's default")
+    p.add_argument("--only", choices=sorted(EXAMPLES), default=None)
+    p.add_argument("--large-factor", type=int, default=8, help="fixed_large = factor x B0")
+    p.add_argument("--under-run", action="store_true",
+                   help="run the adaptive setting under adaptrun run (1-2 workers)")
+    p.add_argument("--timeout-s", type=float, default=600, help="per run")
+    args = p.parse_args()
+
+    names = [args.only] if args.only else list(EXAMPLES)
+    with tempfile.TemporaryDirectory(prefix="adaptrun-quality-") as tmp:
+        for name in names:
+            example = EXAMPLES[name]
+            results = {s: [] for s in SETTINGS}
+            for seed in range(args.seeds):
+                for setting in SETTINGS:
+                    cmd, log_dir = command(example, setting, seed, args, pathlib.Path(tmp))
+                    r = run_one(cmd, args.timeout_s, log_dir)
+                    results[setting].append(r)
+                    print(f"  {name} {setting} seed {seed}: {r['metric_name']} "
+                          f"{r['metric']:.4f}, {r['steps']} steps, {r['wall_s']:.1f} s",
+                          file=sys.stderr, flush=True)
+            print_table(name, example, results, args)
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
