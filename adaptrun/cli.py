@@ -266,6 +266,24 @@ def _nnodes(value: str) -> tuple[int, int]:
     return lo_i, hi_i
 
 
+def _batch_caps(command):
+    """The optional batch caps of `run` and `agent`: the script declares its own limits (its
+    reports carry them); a flag can only tighten them."""
+    for option in reversed([
+            click.option("--init-batch", type=click.IntRange(min=1), default=None,
+                         help="Optional: B0 is the script's batch_size; a different value is "
+                              "said once and ignored."),
+            click.option("--max-global-batch", type=click.IntRange(min=1), default=None,
+                         help="Optional cap on the script's max batch (autoscale_batch_size)."),
+            click.option("--local-batch-min", type=click.IntRange(min=1), default=None,
+                         help="Optional cap: raises the script's lower local batch bound."),
+            click.option("--local-batch-max", type=click.IntRange(min=1), default=None,
+                         help="Optional cap: lowers the script's upper local batch bound "
+                              "(memory).")]):
+        command = option(command)
+    return command
+
+
 @cli.command("agent", context_settings={"ignore_unknown_options": True,
                                         "allow_interspersed_args": False})
 @click.option("--controller", "target", default=None,
@@ -289,15 +307,7 @@ def _nnodes(value: str) -> tuple[int, int]:
 @click.option("--min-workers", type=click.IntRange(min=1), default=None,
               help="Job bounds registered with the controller (default from --nnodes).")
 @click.option("--max-workers", type=click.IntRange(min=1), default=None)
-@click.option("--init-batch", type=click.IntRange(min=1), default=None,
-              help="Optional: B0 is the script's batch_size; a different value is said once and "
-                   "ignored.")
-@click.option("--max-global-batch", type=click.IntRange(min=1), default=None,
-              help="Optional cap on the script's max batch (autoscale_batch_size).")
-@click.option("--local-batch-min", type=click.IntRange(min=1), default=None,
-              help="Optional cap: raises the script's lower local batch bound.")
-@click.option("--local-batch-max", type=click.IntRange(min=1), default=None,
-              help="Optional cap: lowers the script's upper local batch bound (memory).")
+@_batch_caps
 @click.option("--snapshot-dir", default=None, help="Node-local snapshot directory for the "
               "workers (ADAPTRUN_SNAPSHOT_DIR; default <tmp>/adaptrun-<job>).")
 @click.option("--controller-wait-s", type=click.FloatRange(min=0.0), default=3.0,
@@ -358,15 +368,7 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
               help="Workers per agent (one agent plays one node).")
 @click.option("--job", "job_id", default="local", show_default=True)
-@click.option("--init-batch", type=click.IntRange(min=1), default=None,
-              help="Optional: B0 is the script's batch_size; a different value is said once and "
-                   "ignored.")
-@click.option("--max-global-batch", type=click.IntRange(min=1), default=None,
-              help="Optional cap on the script's max batch (autoscale_batch_size).")
-@click.option("--local-batch-min", type=click.IntRange(min=1), default=None,
-              help="Optional cap: raises the script's lower local batch bound.")
-@click.option("--local-batch-max", type=click.IntRange(min=1), default=None,
-              help="Optional cap: lowers the script's upper local batch bound (memory).")
+@_batch_caps
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="gRPC port of the embedded controller (0: any free port).")
 @click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
