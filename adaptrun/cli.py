@@ -154,7 +154,7 @@ def controller_command(host, port, metrics_port, actuator, policy_interval_s, ma
     import signal
     import threading
 
-    from adaptrun.controller.actuator import UnknownActuatorError
+    from adaptrun.controller.actuators import UnknownActuatorError
     from adaptrun.controller.core import ControllerConfig
     from adaptrun.controller.server import Controller, ControllerError
 
@@ -437,9 +437,11 @@ def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, ma
     sys.exit(code)
 
 
-def _decision_line(t_s: float, d, before, after) -> str:
+def _decision_line(t_s: float, d, before, after, applied_s: float | None = None) -> str:
     """One line per decision: what changed (workers, global batch, local x micro-batches, LR)
-    and why; ``before``/``after`` are the job's samples around it (after: None, not applied)."""
+    and why; ``before``/``after`` are the job's samples around it (after: None, not applied).
+    The line is stamped when the job shows the change applied (``applied_s``), so it sorts
+    among the notes; a decision that took longer to apply says when it was taken."""
     def cfg(s):
         return (s.workers, s.global_batch, f"{s.local_batch}x{s.accum_steps + 1}", s.lr)
     parts = []
@@ -452,7 +454,9 @@ def _decision_line(t_s: float, d, before, after) -> str:
         parts.append(f"workers -> {d.world_size}" + (
             f", batch -> {d.global_batch} ({d.local_batch}x{d.accum_steps + 1})"
             if d.global_batch else "") + ("" if after is not None else " (not applied)"))
-    return f"[{t_s:6.1f}s] decision {d.generation}: {', '.join(parts)}: {d.reason}"
+    stamp = t_s if applied_s is None else applied_s
+    taken = f" (decided at {t_s:.1f}s)" if stamp - t_s >= 1.0 else ""
+    return f"[{stamp:6.1f}s] decision {d.generation}{taken}: {', '.join(parts)}: {d.reason}"
 
 
 def _watch_run(run, show_progress: bool, stop: dict):
@@ -493,19 +497,23 @@ def _watch_run(run, show_progress: bool, stop: dict):
                     g=f"{s.goodput:.0f}" if s.adaptive else "n/a (not adaptive)"))
             for d in run.new_decisions():
                 decisions.append((run.elapsed_s(), d))
-                pending.append((run.elapsed_s(), d, samples[-1] if samples else None))
+                pending.append((run.elapsed_s(), d))
             for item in list(pending):
-                t_d, d, before = item
+                t_d, d = item
                 if samples and samples[-1].generation >= d.generation:
-                    bar.console.print(escape(_decision_line(t_d, d, before, samples[-1])),
-                                      soft_wrap=True)
+                    # before: the last sample under an older directive (the agent may have
+                    # applied this one before the run saw the decision)
+                    before = next((s for s in reversed(samples) if s.generation < d.generation),
+                                  None)
+                    bar.console.print(escape(_decision_line(t_d, d, before, samples[-1],
+                                                            run.elapsed_s())), soft_wrap=True)
                     pending.remove(item)
             code = run.finished()
             time.sleep(0.5)
         for note in run.new_notices():
             console.print(f"[{run.elapsed_s():6.1f}s] note: {escape(note)}", soft_wrap=True)
-        for t_d, d, before in pending:
-            console.print(escape(_decision_line(t_d, d, before, None)), soft_wrap=True)
+        for t_d, d in pending:
+            console.print(escape(_decision_line(t_d, d, None, None)), soft_wrap=True)
     return code, samples, decisions
 
 

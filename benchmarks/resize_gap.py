@@ -162,7 +162,7 @@ def run_adaptrun(tmp: Path, tag: str, args, kill: bool) -> dict:
     import torch.distributed as dist
 
     from adaptrun.controller.core import ControllerConfig
-    from adaptrun.controller.local_actuator import LocalActuator
+    from adaptrun.controller.actuators.local import LocalActuator
     from adaptrun.controller.server import Controller
 
     out = tmp / f"a-{tag}"

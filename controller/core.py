@@ -27,7 +27,7 @@ import grpc
 
 from adaptrun.science.policy import BoundsError, Config, Decision, Policy, bounds_from_script
 
-from .actuator import Actuator, ActuatorError
+from .actuators import Actuator, ActuatorError
 from .metrics import Metrics, report_figures
 from .ratelimit import TokenBucket
 from .registry import Agent, Directive, Job, JobRegistry, RegistryFull

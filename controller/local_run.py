@@ -22,7 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .core import ControllerConfig
-from .local_actuator import LocalActuator
+from .actuators.local import LocalActuator
 from .server import Controller
 from .service import job_status
 

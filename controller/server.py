@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .actuator import Actuator, create_actuator
+from .actuators import Actuator, create_actuator
 from .core import ControllerConfig, ControllerCore, PolicyLoop
 from .metrics import Metrics
 from .service import SERVICE_NAME, ControllerService, generic_handler

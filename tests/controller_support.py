@@ -10,7 +10,7 @@ import grpc
 from adaptrun.generated import control_plane_pb2 as pb
 from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
 from adaptrun.controller.core import ControllerConfig
-from adaptrun.controller.local_actuator import LocalActuator
+from adaptrun.controller.actuators.local import LocalActuator
 from adaptrun.controller.server import Controller
 
 AGENT = "adaptrun-agent-id"

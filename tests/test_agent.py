@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from adaptrun.generated import control_plane_pb2 as pb
 from adaptrun.controller.core import ControllerConfig
-from adaptrun.controller.local_actuator import LocalActuator
+from adaptrun.controller.actuators.local import LocalActuator
 from adaptrun.controller.server import Controller
 from controller_support import channel_to
 from workers import harness

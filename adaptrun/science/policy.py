@@ -250,7 +250,7 @@ class Policy:
     resize_cost_s: float = 30.0
     resize_min_gain: float = 0.05
     batch_min_gain: float = 0.01
-    payback: float = 4.0
+    payback: float = 2.0
     explore_factor: float = 2.0
     grid_points: int = 48
     holdoff_runs: int = 10

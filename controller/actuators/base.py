@@ -48,7 +48,7 @@ class Actuator(ABC):
 # name -> "module:attribute" of a factory, imported on first use so that a backend's
 # dependencies (a Kubernetes client, ray) load only when it is chosen.
 _FACTORIES: dict[str, str | Callable[..., Actuator]] = {
-    "local": "adaptrun.controller.local_actuator:LocalActuator",
+    "local": "adaptrun.controller.actuators.local:LocalActuator",
 }
 
 

@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .actuator import Actuator, ActuatorError
+from .base import Actuator, ActuatorError
 
 __all__ = ["LocalActuator"]
 
