@@ -137,6 +137,11 @@ def _controller_stub(target: str):
               help="gRPC port (0: any free port, printed).")
 @click.option("--metrics-port", default=9464, show_default=True, type=click.IntRange(0, 65535),
               help="Port of the Prometheus /metrics endpoint (0: any free port).")
+@click.option("--rdzv-port", default="29400", show_default=True,
+              help="Port of the rendezvous store the controller hosts for its jobs and hands "
+                   "to agents at registration (0: any free port; 'none': host none).")
+@click.option("--rdzv-advertise", default="", help="Host the agents should use for the store "
+              "(default: the host they reach the controller at, e.g. its Service name).")
 @click.option("--actuator", default="local", show_default=True,
               help="What adds or removes workers (local; kubernetes and ray later).")
 @click.option("--policy-interval-s", default=5.0, show_default=True, type=click.FloatRange(min=0.0),
@@ -144,8 +149,8 @@ def _controller_stub(target: str):
 @click.option("--max-threads", default=1024, show_default=True, type=click.IntRange(min=4),
               help="gRPC handler threads; each agent holds two while connected.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
-def controller_command(host, port, metrics_port, actuator, policy_interval_s, max_threads,
-                       verbose):
+def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actuator,
+                       policy_interval_s, max_threads, verbose):
     """Run the controller: job registry, policy, directives, /metrics."""
     import os
     # gRPC's C core logs a bind failure on stderr itself; we say it in one line instead.
@@ -160,15 +165,24 @@ def controller_command(host, port, metrics_port, actuator, policy_interval_s, ma
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rdzv_port.lower() == "none":
+        store_port = None
+    elif rdzv_port.isdigit() and int(rdzv_port) < 65536:
+        store_port = int(rdzv_port)
+    else:
+        raise UsageProblem(f"--rdzv-port must be a port (0-65535) or 'none', got {rdzv_port!r}")
     config = ControllerConfig(host=host, port=port, metrics_port=metrics_port,
                               actuator=actuator, policy_interval_s=policy_interval_s,
-                              max_threads=max_threads)
+                              max_threads=max_threads, rdzv_port=store_port,
+                              rdzv_advertise=rdzv_advertise)
     try:
         ctl = Controller(config).start()
     except (ControllerError, UnknownActuatorError) as exc:
         raise UsageProblem(str(exc)) from None
+    store = (f", rendezvous store on port {ctl.rdzv_port}" if ctl.rdzv_port is not None
+             else "")
     click.echo(f"adaptrun controller on {ctl.address}, metrics on "
-               f"http://{host}:{ctl.metrics_port}/metrics", err=False)
+               f"http://{host}:{ctl.metrics_port}/metrics{store}", err=False)
     sys.stdout.flush()
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -37,9 +37,9 @@ How a planned re-form flows (the controller decided: directive generation g, W w
   keep the old size and say so), so the gap is the re-form itself, not the new agent's start.
 - Scale-down: agents whose group rank is >= the new node count leave after the planned exit.
 
-The rendezvous store: see ``rendezvous`` (with ``--rdzv-endpoint`` of a store the controller
-or another process hosts, no agent is a single point of failure; otherwise the agent that
-hosts it is one).
+The rendezvous store: the controller hosts one for its jobs and says where at registration
+(``--rdzv-endpoint`` overrides it); no agent is then a single point of failure. An agent with
+neither hosts a store itself: one node only (see ``rendezvous``).
 """
 from __future__ import annotations
 
@@ -266,9 +266,10 @@ class Agent:
         if script is not None and not os.path.isfile(script):
             raise AgentError(f"the training script {script!r} does not exist (looked from "
                              f"{os.getcwd()}); check the command after `--`")
-        if c.nnodes_max > 1 and not c.rdzv_endpoint:
-            raise AgentError("more than one node needs --rdzv-endpoint HOST:PORT (the store "
-                             "that all agents of the job share)")
+        if c.nnodes_max > 1 and not c.rdzv_endpoint and not c.controller:
+            raise AgentError("more than one node needs a shared rendezvous store: give "
+                             "--controller HOST:PORT (it hosts one for its jobs) or "
+                             "--rdzv-endpoint HOST:PORT")
         self.config = config
         self.node = c.node or f"{socket.gethostname()}-{os.getpid()}"
         self._lock = threading.Lock()
@@ -317,6 +318,40 @@ class Agent:
                         "without it (it keeps trying in the background)", c.controller,
                         c.controller_wait_s)
 
+    def _rdzv_endpoint(self) -> str | None:
+        """The job's rendezvous store: --rdzv-endpoint, else the one the controller hosts (its
+        registration says where; an empty host is the host the agent reached it at), else
+        None (this agent hosts one: a single node). A job of several nodes waits for the
+        controller up to ``join_timeout``: without a shared store it cannot form."""
+        c = self.config
+        if c.rdzv_endpoint or self.client is None:
+            return c.rdzv_endpoint
+        if not self.client.connected.is_set() and c.nnodes_max > 1:
+            log.info("waiting for the controller at %s: it hosts the job's rendezvous store",
+                     c.controller)
+            deadline = time.monotonic() + c.rdzv_conf.join_timeout
+            while not self.client.connected.wait(0.5):
+                if self._stop_signal is not None:
+                    raise _Stopped()
+                if time.monotonic() > deadline:
+                    raise AgentError(
+                        f"the controller at {c.controller} did not answer within "
+                        f"{c.rdzv_conf.join_timeout:.0f} s (join_timeout), and a job of several "
+                        f"nodes needs the rendezvous store it hosts: check the controller, or "
+                        f"give --rdzv-endpoint of a store all agents share")
+        endpoint = self.client.rdzv_endpoint
+        if not endpoint:
+            if c.nnodes_max > 1:
+                raise AgentError(f"the controller at {c.controller} hosts no rendezvous store "
+                                 f"(started with --rdzv-port none?), and a job of several nodes "
+                                 f"needs one: give --rdzv-endpoint HOST:PORT")
+            return None
+        host, _, port = endpoint.rpartition(":")
+        if not host:
+            host = c.controller.rpartition(":")[0].strip("[]")
+        log.info("rendezvous store: %s:%s (hosted by the controller)", host, port)
+        return f"{host}:{port}"
+
     # -- signals --------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -334,10 +369,10 @@ class Agent:
         rdzv_store = None
         try:
             self._ensure_spares()   # their imports overlap the agent's own start-up
-            rdzv_store, self._hosting = connect_store(c.rdzv_endpoint, c.rdzv_conf,
+            self._start_client()
+            rdzv_store, self._hosting = connect_store(self._rdzv_endpoint(), c.rdzv_conf,
                                                       c.local_addr)
             job_store = dist.PrefixStore(f"adaptrun/agent/{c.job_id}/", rdzv_store)
-            self._start_client()
             self.relay = ReportRelay(self.report_file, c.job_id, self.client)
             code = self._rounds(rdzv_store, job_store)
             if self._hosting:

@@ -94,6 +94,7 @@ class ControllerClient:
         self.last_generation = 0
         self.directive: pb.Directive | None = None
         self.agent_id: str | None = None
+        self.rdzv_endpoint = ""               # the store the controller hosts (RegisterResponse)
         self.connected = threading.Event()
         self.job_done = threading.Event()     # the controller says the job finished
         self.dropped_reports = 0
@@ -180,6 +181,7 @@ class ControllerClient:
         log.info("registered with the controller at %s as %s", self.target, resp.agent_id)
         self._registered = True
         self.agent_id = resp.agent_id
+        self.rdzv_endpoint = resp.rdzv_endpoint
         if resp.job_done:
             self.job_done.set()
         if resp.directive.generation:

@@ -55,6 +55,9 @@ class ControllerConfig:
     resize_cost_s: float = 30.0
     settle_timeout_s: float = 60.0
     actuator: str = "local"
+    actuator_options: dict | None = None  # keyword options of the actuator's factory
+    rdzv_port: int | None = 0           # the jobs' rendezvous store (0: any free port; None: none)
+    rdzv_advertise: str = ""            # host agents use for it ("": the controller's host)
 
 
 def config_of(report) -> Config:
@@ -69,6 +72,7 @@ class ControllerCore:
         self.metrics = metrics
         self.clock = clock
         self.registry = JobRegistry(config.max_jobs)
+        self.rdzv_endpoint = ""           # the store the server hosts, as agents are told
 
     # -- agents --------------------------------------------------------------------------
     def register(self, req) -> tuple[Job, Agent]:

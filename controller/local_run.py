@@ -1,9 +1,9 @@
 """``adaptrun run``: a whole adaptive job on this machine, from one command.
 
 Pieces, all real: a ``Controller`` (gRPC on 127.0.0.1, Prometheus ``/metrics``), the ``local``
-actuator starting ``adaptrun agent`` processes, and a c10d ``TCPStore`` hosted here for the
-job's rendezvous (so no agent is a single point of failure: an agent can die and the others
-re-form). ``LocalRun`` starts them, starts the job at ``min_workers``, and then only watches:
+actuator starting ``adaptrun agent`` processes, and the job's rendezvous store, which the
+controller hosts and hands to the agents at registration (so no agent is a single point of
+failure: an agent can die and the others re-form). ``LocalRun`` starts them, starts the job at ``min_workers``, and then only watches:
 ``sample()`` reads the job's state as ``adaptrun status`` would (``service.job_status``),
 ``new_decisions()`` yields each new directive once, ``finished()`` says when every agent
 has exited. ``close()`` stops what is still running, in reverse order.
@@ -18,7 +18,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 from .core import ControllerConfig
@@ -89,7 +88,6 @@ class LocalRun:
         self.config = config.validate()
         self.controller: Controller | None = None
         self.actuator: LocalActuator | None = None
-        self._store = None
         self._t0 = time.monotonic()
         self._seen_generation = 0
         self._seen_notices = 0
@@ -97,12 +95,8 @@ class LocalRun:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> "LocalRun":
-        import torch.distributed as dist
-
         c = self.config
         c.log_dir.mkdir(parents=True, exist_ok=True)
-        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True,
-                                    wait_for_workers=False, timeout=timedelta(seconds=60))
         self.actuator = LocalActuator(agent_command=self._agent_argv,
                                       nproc_per_node=c.nproc_per_node, log_dir=c.log_dir)
         try:
@@ -124,7 +118,6 @@ class LocalRun:
         return [sys.executable, "-m", "adaptrun.cli", "agent",
                 "--controller", self.controller.address, "--job", job_id, "--node", node,
                 "--nproc-per-node", str(c.nproc_per_node), "--nnodes", f"{nodes[0]}:{nodes[1]}",
-                "--rdzv-endpoint", f"127.0.0.1:{self._store.port}",
                 "--min-workers", str(c.min_workers), "--max-workers", str(c.max_workers),
                 *(arg for flag, value in (("--init-batch", c.init_batch),
                                           ("--max-global-batch", c.max_global_batch),
@@ -139,7 +132,6 @@ class LocalRun:
             self.actuator.close()
         if self.controller is not None:
             self.controller.stop()
-        self._store = None
 
     def __enter__(self) -> "LocalRun":
         return self.start()

@@ -6,6 +6,15 @@ thread pool, the policy loop and the /metrics endpoint, started and stopped toge
 the metrics server. Each open stream (reports, directives, health watch) holds one of
 ``config.max_threads`` handler threads; beyond that many concurrent calls, a new call is
 refused with RESOURCE_EXHAUSTED rather than queued.
+
+The rendezvous store of its jobs. Unless ``config.rdzv_port`` is None, the controller hosts a
+c10d ``TCPStore`` (multi-tenant) on that port and hands its endpoint to every agent at
+registration (``RegisterResponse.rdzv_endpoint``); the agents keep each job's keys under the
+job's own prefix and round names. So ``adaptrun agent`` needs only ``--controller`` and
+``--job``, and no worker pod is a single point of failure for the store (torchrun and
+Kubeflow's c10d default put it on worker 0). Losing the controller does not stop training
+under way: the workers of a round talk through their own store (hosted by their rank 0);
+only the next re-form needs the job's store again.
 """
 from __future__ import annotations
 
@@ -35,7 +44,8 @@ class Controller:
     def __init__(self, config: ControllerConfig = ControllerConfig(),
                  actuator: Actuator | None = None):
         self.config = config
-        self.actuator = actuator if actuator is not None else create_actuator(config.actuator)
+        self.actuator = actuator if actuator is not None else create_actuator(
+            config.actuator, **(config.actuator_options or {}))
         self.metrics = Metrics()
         self.core = ControllerCore(config, self.actuator, self.metrics)
         self._stopping = threading.Event()
@@ -44,6 +54,8 @@ class Controller:
         self._loop: PolicyLoop | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.rdzv_port: int | None = None
+        self._rdzv_store = None
 
     @property
     def address(self) -> str:
@@ -78,6 +90,8 @@ class Controller:
             except OSError as exc:
                 raise ControllerError(f"cannot serve /metrics on {c.host}:{c.metrics_port}: "
                                       f"{exc}; pick another --metrics-port") from None
+        if c.rdzv_port is not None:
+            self._host_rdzv_store(c)
         server.start()
         self._server = server
         for name in ("", SERVICE_NAME):
@@ -85,6 +99,28 @@ class Controller:
         self._loop = PolicyLoop(self.core).start()
         log.info("controller listening on %s (metrics port %s)", self.address, self.metrics_port)
         return self
+
+    def _host_rdzv_store(self, c: ControllerConfig) -> None:
+        from datetime import timedelta
+
+        import torch.distributed as dist   # only a controller that hosts a store needs torch
+
+        try:
+            self._rdzv_store = dist.TCPStore(c.host, c.rdzv_port, None, True,
+                                             timedelta(seconds=60), wait_for_workers=False,
+                                             multi_tenant=True)
+        except (RuntimeError, OSError) as exc:
+            self.metrics.close()
+            raise ControllerError(f"cannot host the rendezvous store on {c.host}:{c.rdzv_port} "
+                                  f"({exc}); pick another --rdzv-port") from None
+        self.rdzv_port = self._rdzv_store.port
+        self.core.rdzv_endpoint = f"{c.rdzv_advertise}:{self.rdzv_port}"
+        log.info("hosting the jobs' rendezvous store on port %d", self.rdzv_port)
+
+    @property
+    def rdzv_endpoint(self) -> str | None:
+        """HOST:PORT of the store as a client on this machine reaches it (None: none)."""
+        return None if self.rdzv_port is None else f"{self.config.host}:{self.rdzv_port}"
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._stopping.set()
@@ -101,6 +137,7 @@ class Controller:
             self._loop = None
         self.metrics.close()
         self.actuator.close()
+        self._rdzv_store = None            # the store's server ends with its last reference
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Block until the server stops (or ``timeout_s``); True when it stopped."""

@@ -87,7 +87,7 @@ class ControllerService:
         return pb.RegisterResponse(agent_id=agent.agent_id, bounds=bounds_to_proto(job.bounds),
                                    directive=directive_to_proto(d),
                                    report_interval_s=self.core.config.report_interval_s,
-                                   job_done=done)
+                                   job_done=done, rdzv_endpoint=self.core.rdzv_endpoint)
 
     def StreamReports(self, request_iterator, ctx):
         agent_id = dict(ctx.invocation_metadata()).get(AGENT_ID_METADATA, "")

@@ -1,8 +1,10 @@
 """Classify scikit-learn's bundled 8x8 handwritten digits with a small CNN: SGD + momentum,
-the linear scaling rule with warmup (Goyal et al. 2017), an adaptive batch from B0 = 32.
+an adaptive batch from B0 = 32, the LR scaled by AdaScale (Johnson et al. 2020).
 
-Shows a conv net with BatchNorm under adaptrun: ``LinearScale`` raises the LR with the
-batch, ``autoscale_batch_size`` lets the controller grow the batch (with accumulation), and
+Shows a conv net with BatchNorm under adaptrun: ``AdaScale`` raises the LR with the gain of
+the batch (the linear rule while the batch is well below the noise scale, flattening beyond
+it, where the linear rule of Goyal et al. overshoots; ``--lr-rule linear`` for that rule,
+warmed up), ``autoscale_batch_size`` lets the controller grow the batch (with accumulation), and
 ``--ghost-batch N`` (``AdaptiveDataParallel(ghost_batch_size=N)``) swaps BatchNorm for ghost
 batch norm (Hoffer et al. 2017) so the normalization statistics come from N examples
 whatever the local batch. The data ships with scikit-learn (``load_digits``: 1797 images,
@@ -10,7 +12,7 @@ no download); a seeded 20 % is held out. Rank 0 evaluates the held-out accuracy 
 and prints ``final val_acc X`` and ``steps N``.
 
 ``--lr-batch`` names the batch ``--lr`` was tuned at when ``--batch-size`` is another one
-(a fixed large batch): the script scales the LR by the same linear rule, warmed up.
+(a fixed large batch): the script scales the LR by the linear rule, warmed up.
 
     python examples/digits_cnn.py                          # alone (world of one)
     python examples/digits_cnn.py --max-batch 0            # fixed batch B0
@@ -79,6 +81,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=512,
                    help="largest global batch the controller may choose (0: fixed batch)")
     p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--lr-rule", choices=("adascale", "linear"), default="adascale",
+                   help="how adaptrun scales the LR with the batch")
     p.add_argument("--ghost-batch", type=int, default=0,
                    help="ghost batch norm over this many examples (0: plain BatchNorm)")
     args = p.parse_args()
@@ -89,12 +93,12 @@ def main() -> None:
     train, held_out = split_digits(args.seed)
     net = make_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    rule = adaptrun.scaling.LinearScale(warmup_steps=args.warmup_steps)
+    rule = adaptrun.scaling.rule_by_name(args.lr_rule, args.warmup_steps)
     model = adaptrun.AdaptiveDataParallel(net, optimizer, scaling_rule=rule,
                                           ghost_batch_size=args.ghost_batch or None)
     # adaptrun scales the LR from B0 = --batch-size on; when B0 is not the batch the LR was
-    # tuned at, the script scales it to B0 by the same rule, ramped up from --lr (Goyal et al.)
-    b0_factor = rule.target(args.batch_size / (args.lr_batch or args.batch_size), 1.0)
+    # tuned at, the script scales it to B0 by the linear rule, ramped up from --lr (Goyal et al.)
+    b0_factor = args.batch_size / (args.lr_batch or args.batch_size)
 
     def lr_at_b0(step: int) -> float:
         return args.lr * adaptrun.scaling.linear_ramp(step, 0, args.warmup_steps,

@@ -23,7 +23,7 @@ def _run(*args, timeout=20):
 @pytest.mark.timeout(50)
 def test_controller_status_and_scale_commands():
     proc = subprocess.Popen([*CLI, "controller", "--port", "0", "--metrics-port", "0",
-                             "--policy-interval-s", "60"], stdout=subprocess.PIPE,
+                             "--rdzv-port", "0", "--policy-interval-s", "60"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

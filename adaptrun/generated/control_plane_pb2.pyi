@@ -41,18 +41,20 @@ class RegisterRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., node: _Optional[str] = ..., slots: _Optional[int] = ..., address: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., last_generation: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("agent_id", "bounds", "directive", "report_interval_s", "job_done")
+    __slots__ = ("agent_id", "bounds", "directive", "report_interval_s", "job_done", "rdzv_endpoint")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     DIRECTIVE_FIELD_NUMBER: _ClassVar[int]
     REPORT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     JOB_DONE_FIELD_NUMBER: _ClassVar[int]
+    RDZV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     bounds: JobBounds
     directive: Directive
     report_interval_s: float
     job_done: bool
-    def __init__(self, agent_id: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., directive: _Optional[_Union[Directive, _Mapping]] = ..., report_interval_s: _Optional[float] = ..., job_done: _Optional[bool] = ...) -> None: ...
+    rdzv_endpoint: str
+    def __init__(self, agent_id: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., directive: _Optional[_Union[Directive, _Mapping]] = ..., report_interval_s: _Optional[float] = ..., job_done: _Optional[bool] = ..., rdzv_endpoint: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
     __slots__ = ("job_id", "step", "progress", "world_size", "nodes", "local_batch", "accum_steps", "init_batch", "step_time_s", "sync_time_s", "grad_sqr", "grad_var", "loss", "lr", "epoch", "target_progress", "time_s", "max_batch", "local_batch_min", "local_batch_max", "accumulation", "generation", "resize_gap_s", "metric_name", "metric", "finished")
