@@ -48,6 +48,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -245,6 +246,20 @@ class WorkerStore:
             return None
 
 
+def node_ordinal(node: str) -> int | None:
+    """The ordinal a node's name ends in (``train-3`` of a StatefulSet, ``job-worker-3`` of a
+    PyTorchJob, ``job-n3`` of the local actuator), or None."""
+    m = _ORDINAL.search(node)
+    return int(m.group(1)) if m else None
+
+
+_ORDINAL = re.compile(r"(\d+)$")
+ORDER_KEY = "order/{}"         # in a round's store: a group rank's leave-order key
+# A cluster deletes the pods of a scale-down after the controller sent the directive; a
+# SIGTERM is held this long for that directive before it counts as a plain stop.
+SIGTERM_DIRECTIVE_WAIT_S = 1.0
+
+
 @dataclass
 class _RoundResult:
     outcome: Outcome
@@ -252,6 +267,15 @@ class _RoundResult:
     nodes: int
     next_planned: RoundSpec | None = None   # the membership a planned re-form moves to
     peer_failed: bool = False
+    order_rank: int = 0                     # place in the round by node ordinal
+
+    @property
+    def leaves(self) -> bool:
+        """A planned re-form to fewer nodes lets this node go: it is among the highest
+        ordinals, the pods a StatefulSet deletes on scale-down."""
+        return (self.next_planned is not None and self.outcome in (Outcome.PARKED,
+                                                                   Outcome.PLANNED)
+                and self.order_rank >= self.next_planned.max_nodes)
 
 
 class Agent:
@@ -524,12 +548,10 @@ class Agent:
                     end_round(handler)
                 except Exception:  # noqa: BLE001 - the round is over either way
                     log.debug("ending the round's keep-alive failed", exc_info=True)
-            if self._stop_signal is not None:
+            if self._stop_signal is not None and not result.leaves:
                 log.info("stopped by signal %d", self._stop_signal)
                 return 128 + self._stop_signal
-            if result.outcome not in (Outcome.SUCCEEDED, Outcome.PARKED) and not (
-                    result.next_planned is not None
-                    and result.group_rank >= result.next_planned.max_nodes):
+            if result.outcome not in (Outcome.SUCCEEDED, Outcome.PARKED) and not result.leaves:
                 self._ensure_spares()   # warm up while the next rendezvous runs
             if result.outcome is Outcome.SUCCEEDED:
                 log.info("all workers finished: job %s done on this node", c.job_id)
@@ -541,9 +563,9 @@ class Agent:
                 return 0
             if result.outcome is Outcome.PARKED:
                 nxt = result.next_planned
-                if result.group_rank >= nxt.max_nodes:
-                    log.info("planned re-form to %d nodes: group rank %d leaves the job",
-                             nxt.max_nodes, result.group_rank)
+                if result.leaves:
+                    log.info("planned re-form to %d nodes: node %s (place %d by ordinal) "
+                             "leaves the job", nxt.max_nodes, self.node, result.order_rank)
                     parked, self._parked = self._parked, None
                     parked.send_exit(0)
                     codes = [p.wait() for p in parked.procs]
@@ -560,9 +582,9 @@ class Agent:
                     spec = RoundSpec(spec.generation, spec.attempt + 1,
                                      min(c.nnodes_min, result.nodes), result.nodes)
                     continue
-                if result.group_rank >= nxt.max_nodes:
-                    log.info("planned re-form to %d nodes: group rank %d leaves the job",
-                             nxt.max_nodes, result.group_rank)
+                if result.leaves:
+                    log.info("planned re-form to %d nodes: node %s (place %d by ordinal) "
+                             "leaves the job", nxt.max_nodes, self.node, result.order_rank)
                     return 0
                 spec = nxt
                 continue
@@ -651,6 +673,7 @@ class Agent:
         if group_rank == 0:
             round_store.set(RESTART_COUNT_KEY, str(restarts))
         restart_count = int(round_store.get(RESTART_COUNT_KEY))
+        order_rank = self._order_rank(round_store, group_rank, nodes)
         bsi = info.bootstrap_store_info
         try:
             committed = int(job_store.get(COMMITTED_KEY)) if job_store.check([COMMITTED_KEY]) \
@@ -670,9 +693,10 @@ class Agent:
                  group_rank * c.nproc_per_node, (group_rank + 1) * c.nproc_per_node - 1,
                  workers.world_size)
         state = _DirectiveState(WorkerStore(bsi.master_addr, bsi.master_port), group_rank,
-                                nodes)
+                                nodes, order_rank=order_rank)
         early = False
         forwarded = False
+        signalled_s = 0.0
         peer_failed = False
         try:
             while True:
@@ -693,10 +717,20 @@ class Agent:
                 if outcome is not Outcome.RUNNING:
                     break
                 if self._stop_signal is not None and not forwarded:
-                    # The library saves at the next step boundary and exits 75.
-                    workers.signal_all(signal.SIGTERM)
-                    forwarded = True
-                    stop_deadline = time.monotonic() + c.term_grace_s
+                    now = time.monotonic()
+                    signalled_s = signalled_s or now
+                    leaving = (state.planned is not None
+                               and state.order_rank >= state.planned.max_nodes)
+                    if leaving and now - signalled_s < c.term_grace_s / 2:
+                        pass   # a planned re-form lets this node go: SIGTERM is that leave
+                    elif (not leaving and self.client is not None
+                          and now - signalled_s < SIGTERM_DIRECTIVE_WAIT_S):
+                        pass   # the scale-down's directive may be a moment behind the signal
+                    else:
+                        # The library saves at the next step boundary and exits 75.
+                        workers.signal_all(signal.SIGTERM)
+                        forwarded = True
+                        stop_deadline = now + c.term_grace_s
                 if forwarded and time.monotonic() > stop_deadline:
                     workers.stop()
                     outcome = workers.outcome()
@@ -750,7 +784,26 @@ class Agent:
             else:
                 workers.stop()
             self._workers = None
-        return _RoundResult(outcome, group_rank, nodes, state.planned, peer_failed)
+        return _RoundResult(outcome, group_rank, nodes, state.planned, peer_failed, order_rank)
+
+    def _order_rank(self, round_store, group_rank: int, nodes: int) -> int:
+        """This node's place in the round by (ordinal of its name, group rank): a scale-down
+        to N nodes keeps places 0..N-1. torch orders group ranks by address and pid, which on
+        a cluster follow no pod ordinal; a StatefulSet deletes the highest ordinals, so those
+        must be the nodes a planned re-form lets go."""
+        ordinal = node_ordinal(self.node)
+        mine = f"{ordinal if ordinal is not None else 1 << 30} {group_rank}"
+        try:
+            round_store.set(ORDER_KEY.format(group_rank), mine)
+            keys = [ORDER_KEY.format(r) for r in range(nodes)]
+            round_store.wait(keys, timedelta(seconds=self.config.rdzv_conf.join_timeout))
+            order = sorted(tuple(int(x) for x in round_store.get(k).decode().split())
+                           for k in keys)
+            return order.index(tuple(int(x) for x in mine.split()))
+        except (RuntimeError, OSError, ValueError) as exc:
+            log.warning("no ordinal order for this round (%s): using group rank %d",
+                        exc, group_rank)
+            return group_rank
 
     def _peer_failed(self, round_store) -> bool:
         try:
@@ -776,7 +829,7 @@ class Agent:
         reform = target != nodes
         if reform:
             st.planned = RoundSpec(d.generation, 0, target, target)
-            if st.group_rank < target and d.generation not in st.announced:
+            if st.order_rank < target and d.generation not in st.announced:
                 self._ensure_spares()
                 if self._spares_ready():
                     job_store.add(f"g{d.generation}/warm", 1)
@@ -814,6 +867,7 @@ class _DirectiveState:
     writer: WorkerStore
     group_rank: int
     nodes: int
+    order_rank: int = 0
     written: int = 0
     planned: RoundSpec | None = None
     parked_checked_s: float = 0.0

@@ -85,7 +85,11 @@ class Job:
         if found is not None:
             self.registry.restored, self.registry.restored_from = found
             self.restored_step = int(found[0]["step"])
-            self.last_snapshot_step = self.restored_step
+            # Only a step this node has on disk counts as snapshotted: a state received from
+            # a peer (a joiner's) must still be written here at the next planned exit.
+            local = checkpoint.newest(self.local_dir) if self.snapshots_on else None
+            if local is not None and local[0] == self.restored_step:
+                self.last_snapshot_step = self.restored_step
         committed = int(os.environ.get("ADAPTRUN_COMMITTED_STEP") or 0)
         if found is None and committed > 0:
             raise MissingStateError(
