@@ -131,6 +131,52 @@ def _controller_stub(target: str):
     return channel, pb_grpc.ControllerStub(channel)
 
 
+def _k8s_options(command):
+    """The options of the kubernetes actuator (`controller --actuator kubernetes`)."""
+    for option in reversed([
+            click.option("--k8s-target", "k8s_targets", multiple=True, metavar="JOB=KIND/NAME",
+                         help="The workload that holds JOB's workers, resized through its scale "
+                              "subresource: statefulset/NAME or pytorchjob/NAME (Kubeflow "
+                              "elastic PyTorchJob). Repeat per job."),
+            click.option("--k8s-namespace", default=None,
+                         help="Namespace of the workloads (default: the controller pod's own, "
+                              "else the kubeconfig context's, else 'default')."),
+            click.option("--kubeconfig", default=None,
+                         help="kubeconfig file (default: $KUBECONFIG, else the in-cluster "
+                              "config in a pod, else ~/.kube/config)."),
+            click.option("--k8s-pending-timeout-s", type=click.FloatRange(min=0.0),
+                         default=300.0, show_default=True,
+                         help="A scale-up whose pods are not all Running and Ready by then is "
+                              "reported and given up: the job keeps the pods that run."),
+            click.option("--k8s-nproc-per-node", type=click.IntRange(min=1), default=1,
+                         show_default=True, help="Workers per pod: replicas = ceil(workers / "
+                                                 "this)."),
+            click.option("--k8s-scale-down-delay-s", type=click.FloatRange(min=0.0),
+                         default=30.0, show_default=True,
+                         help="Lower the replicas this long after the directive, so the "
+                              "leaving agents exit before their pods are deleted.")]):
+        command = option(command)
+    return command
+
+
+def _actuator_options(actuator: str, k8s: dict) -> dict:
+    """The keyword options of the chosen actuator's factory; k8s flags need kubernetes."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    given = [name for name in k8s if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+    if actuator != "kubernetes":
+        if given:
+            raise UsageProblem(f"{flags[given[0]]} is an option of the kubernetes actuator: "
+                               f"add --actuator kubernetes")
+        return {}
+    return dict(targets=list(k8s["k8s_targets"]), namespace=k8s["k8s_namespace"],
+                kubeconfig=k8s["kubeconfig"], pending_timeout_s=k8s["k8s_pending_timeout_s"],
+                nproc_per_node=k8s["k8s_nproc_per_node"],
+                scale_down_delay_s=k8s["k8s_scale_down_delay_s"])
+
+
 @cli.command("controller")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535),
@@ -143,14 +189,16 @@ def _controller_stub(target: str):
 @click.option("--rdzv-advertise", default="", help="Host the agents should use for the store "
               "(default: the host they reach the controller at, e.g. its Service name).")
 @click.option("--actuator", default="local", show_default=True,
-              help="What adds or removes workers (local; kubernetes and ray later).")
+              help="What adds or removes workers: local (agent processes here), kubernetes "
+                   "(a StatefulSet or PyTorchJob per job: see --k8s-target).")
 @click.option("--policy-interval-s", default=5.0, show_default=True, type=click.FloatRange(min=0.0),
               help="How often each job's policy runs.")
 @click.option("--max-threads", default=1024, show_default=True, type=click.IntRange(min=4),
               help="gRPC handler threads; each agent holds two while connected.")
+@_k8s_options
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actuator,
-                       policy_interval_s, max_threads, verbose):
+                       policy_interval_s, max_threads, verbose, **k8s):
     """Run the controller: job registry, policy, directives, /metrics."""
     import os
     # gRPC's C core logs a bind failure on stderr itself; we say it in one line instead.
@@ -159,7 +207,7 @@ def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actu
     import signal
     import threading
 
-    from adaptrun.controller.actuators import UnknownActuatorError
+    from adaptrun.controller.actuators import ActuatorError, UnknownActuatorError
     from adaptrun.controller.core import ControllerConfig
     from adaptrun.controller.server import Controller, ControllerError
 
@@ -173,11 +221,12 @@ def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actu
         raise UsageProblem(f"--rdzv-port must be a port (0-65535) or 'none', got {rdzv_port!r}")
     config = ControllerConfig(host=host, port=port, metrics_port=metrics_port,
                               actuator=actuator, policy_interval_s=policy_interval_s,
+                              actuator_options=_actuator_options(actuator, k8s),
                               max_threads=max_threads, rdzv_port=store_port,
                               rdzv_advertise=rdzv_advertise)
     try:
         ctl = Controller(config).start()
-    except (ControllerError, UnknownActuatorError) as exc:
+    except (ControllerError, UnknownActuatorError, ActuatorError) as exc:
         raise UsageProblem(str(exc)) from None
     store = (f", rendezvous store on port {ctl.rdzv_port}" if ctl.rdzv_port is not None
              else "")
@@ -399,10 +448,15 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
 @click.option("--plot", default="adaptrun-timeline.png", show_default=True,
               help="Timeline PNG written at the end ('' for none).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="Run the agents as local processes or as Ray actors.")
+@click.option("--ray-address", default=None, help="With --backend ray: the Ray cluster "
+              "(auto, HOST:PORT or ray://HOST:PORT; default: a local Ray instance for the run).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, max_global_batch,
                 local_batch_min, local_batch_max, port, metrics_port, policy_interval_s,
-                resize_cost_s, report_dir, log_dir, plot, progress, command):
+                resize_cost_s, report_dir, log_dir, plot, progress, backend, ray_address,
+                command):
     """Train on this machine with an embedded controller and local agents:
     `adaptrun run --min-workers 1 --max-workers 3 -- python train.py ARGS`."""
     import logging
@@ -416,6 +470,7 @@ def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, ma
     if max_workers is None:
         max_workers = max(min_workers, os.cpu_count() or 1)
 
+    from adaptrun.controller.actuators import ActuatorError
     from adaptrun.controller.local_run import LocalRun, RunConfig
     from adaptrun.controller.server import ControllerError
 
@@ -426,7 +481,10 @@ def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, ma
                            local_batch_min=local_batch_min, local_batch_max=local_batch_max,
                            port=port, metrics_port=metrics_port,
                            policy_interval_s=policy_interval_s, resize_cost_s=resize_cost_s,
-                           log_dir=pathlib.Path(log_dir)).validate()
+                           log_dir=pathlib.Path(log_dir), backend=backend,
+                           ray_address=ray_address).validate()
+        if ray_address and backend != "ray":
+            raise ValueError("--ray-address is an option of --backend ray")
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
     stop = {"signal": None}
@@ -437,7 +495,7 @@ def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, ma
         signal.signal(sig, on_signal)
     try:
         run = LocalRun(config).start()
-    except ControllerError as exc:
+    except (ControllerError, ActuatorError) as exc:
         raise UsageProblem(str(exc)) from None
     try:
         code, samples, decisions = _watch_run(run, progress, stop)

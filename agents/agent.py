@@ -316,6 +316,7 @@ class Agent:
         self._parked: WorkerGroup | None = None   # alive, waiting for the next round
         self._hosting = False
         self._store_lost = False
+        self._leaving = False    # a planned re-form let this node go: a signal is that leave
 
     # -- the controller's side ------------------------------------------------------------
     def _on_directive(self, d) -> None:
@@ -379,7 +380,7 @@ class Agent:
     # -- signals --------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
-        if self._workers is None:
+        if self._workers is None and not self._leaving:
             raise _Stopped()
 
     # -- the main loop --------------------------------------------------------------------
@@ -564,6 +565,7 @@ class Agent:
             if result.outcome is Outcome.PARKED:
                 nxt = result.next_planned
                 if result.leaves:
+                    self._leaving = True
                     log.info("planned re-form to %d nodes: node %s (place %d by ordinal) "
                              "leaves the job", nxt.max_nodes, self.node, result.order_rank)
                     parked, self._parked = self._parked, None

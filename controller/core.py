@@ -16,6 +16,7 @@ leaves that job at its configuration; it never touches another job.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import statistics
@@ -65,6 +66,9 @@ def config_of(report) -> Config:
 
 
 class ControllerCore:
+    # The widened-bounds ask costs about two decisions; the alerts that read it wait 15 min.
+    WANTED_REFRESH_S = 30.0
+
     def __init__(self, config: ControllerConfig, actuator: Actuator, metrics: Metrics,
                  clock=time.monotonic):
         self.config = config
@@ -73,6 +77,25 @@ class ControllerCore:
         self.clock = clock
         self.registry = JobRegistry(config.max_jobs)
         self.rdzv_endpoint = ""           # the store the server hosts, as agents are told
+        self._wanted_time_s: dict[str, float] = {}   # job -> last widened-bounds policy ask
+        bind = getattr(actuator, "bind", None)   # its notices and bounds come from here
+        if bind is not None:
+            bind(self.actuator_notice, self.job_bounds)
+
+    def actuator_notice(self, job_id: str, text: str) -> None:
+        """A line from the actuator for the job's user (an unmet scale, a pod the cluster
+        removed); the actuator logs it. A job not (yet) registered gets nothing."""
+        job = self.registry.job(job_id)
+        if job is not None:
+            with job.changed:
+                job.notice(text)
+
+    def job_bounds(self, job_id: str) -> tuple[int, int] | None:
+        job = self.registry.job(job_id)
+        if job is None:
+            return None
+        with job.changed:
+            return job.bounds.min_replicas, job.bounds.max_replicas
 
     # -- agents --------------------------------------------------------------------------
     def register(self, req) -> tuple[Job, Agent]:
@@ -94,6 +117,9 @@ class ControllerCore:
         if created:
             self.metrics.job(job.job_id)
             self.metrics.set_bounds(job.job_id, bounds.min_replicas, bounds.max_replicas)
+            desired = self.actuator.current_workers(job.job_id)
+            if desired is not None:
+                self.metrics.set_workers_desired(job.job_id, desired)
             log.info("job %s registered by node %s (%d slots): workers [%d, %d]; batch limits "
                      "from the script (caps: %s)", job.job_id, req.node, req.slots,
                      bounds.min_replicas, bounds.max_replicas, caps)
@@ -208,6 +234,7 @@ class ControllerCore:
             finally:
                 self.metrics.job(job.job_id).policy_seconds.observe(time.perf_counter() - t0)
             job.policy_error = ""
+            self._export_worker_targets(job, decision, force)
             if decision is None:
                 return None
             if decision.changes_replicas or decision.changes_batch:
@@ -216,6 +243,39 @@ class ControllerCore:
                 with job.changed:
                     job.last_decision = decision.reason
             return decision
+
+    def _export_worker_targets(self, job: Job, decision: Decision | None, force: bool) -> None:
+        """For the alerts: the count the actuator is moving the job to, and the count the
+        policy wants. Only a job at a bound can be held back by it: there the policy is asked
+        again with the worker bounds widened to [1, 2 x max] (a deep copy, so the job's own
+        policy keeps its hold-off state), at most every ``WANTED_REFRESH_S`` unless the
+        bounds just changed; inside the bounds its own decision is what it wants. Runs with
+        the policy, under ``policy_lock``; a failure here is logged, never the loop's end."""
+        try:
+            rep = job.policy.last_report
+            desired = self.actuator.current_workers(job.job_id)
+            if desired is None and rep is not None:
+                desired = rep.world_size
+            if desired is not None:
+                self.metrics.set_workers_desired(job.job_id, desired)
+            if rep is None:
+                return
+            b = job.policy.bounds
+            if not (rep.world_size >= b.max_replicas
+                    or b.min_replicas > 1 and rep.world_size <= b.min_replicas):
+                if decision is not None:
+                    self.metrics.set_policy_wanted(job.job_id, decision.config.replicas)
+                return
+            now = self.clock()
+            if not force and now - self._wanted_time_s.get(job.job_id, -math.inf) \
+                    < self.WANTED_REFRESH_S:
+                return
+            self._wanted_time_s[job.job_id] = now
+            wide = replace(b, min_replicas=1, max_replicas=2 * b.max_replicas)
+            wanted = copy.deepcopy(job.policy).with_bounds(wide).decide().config.replicas
+            self.metrics.set_policy_wanted(job.job_id, wanted)
+        except Exception as exc:  # noqa: BLE001 - a view for the alerts, never the loop's end
+            log.debug("job %s: no policy view for the metrics: %s", job.job_id, exc)
 
     def _take_script_limits(self, job: Job, r) -> None:
         """The script declares B0 and its batch limits in its reports: the job's bounds are
@@ -250,10 +310,14 @@ class ControllerCore:
         gain = d.predicted_gain
         reason = (f"{d.reason} [predicted goodput {d.goodput_current:.1f} -> "
                   f"{d.goodput_chosen:.1f}, {gain:+.1%}]")
+        # The worker count to move from is what the actuator is moving the job to: right
+        # after a resize the last report may still come from the old world.
+        before = self.actuator.current_workers(job.job_id)
+        before = d.current.replicas if before is None else before
         directive = self.issue_directive(job, d.config, reason)
         log.info("job %s generation %d: %s -> %s: %s", job.job_id, directive.generation,
                  d.current.describe(), d.config.describe(), reason)
-        if d.changes_replicas:
+        if d.config.replicas != before:
             self._set_workers(job, d.config.replicas)
 
     def _set_workers(self, job: Job, workers: int) -> None:
@@ -262,10 +326,14 @@ class ControllerCore:
         self.metrics.job(job.job_id).resizes.inc()
         try:
             self.actuator.set_workers(job.job_id, workers)
+            self.metrics.set_workers_desired(job.job_id, workers)
         except (ActuatorError, OSError) as exc:
             log.error("job %s: the %s actuator could not move to %d workers: %s",
                       job.job_id, self.actuator.name, workers, exc)
             job.policy_error = f"actuator: {exc}"
+            with job.changed:
+                job.notice(f"the {self.actuator.name} actuator could not move the job to "
+                           f"{workers} workers: {exc}")
 
     def tick(self) -> None:
         for job in self.registry.jobs():

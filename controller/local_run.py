@@ -1,7 +1,8 @@
 """``adaptrun run``: a whole adaptive job on this machine, from one command.
 
 Pieces, all real: a ``Controller`` (gRPC on 127.0.0.1, Prometheus ``/metrics``), the ``local``
-actuator starting ``adaptrun agent`` processes, and the job's rendezvous store, which the
+actuator starting ``adaptrun agent`` processes (or, with ``backend="ray"``, the ``ray``
+actuator placing them as Ray actors), and the job's rendezvous store, which the
 controller hosts and hands to the agents at registration (so no agent is a single point of
 failure: an agent can die and the others re-form). ``LocalRun`` starts them, starts the job at ``min_workers``, and then only watches:
 ``sample()`` reads the job's state as ``adaptrun status`` would (``service.job_status``),
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,8 +49,12 @@ class RunConfig:
     policy_interval_s: float = 3.0
     resize_cost_s: float = 2.0       # the prior for a re-form's cost, until one is measured
     log_dir: Path = field(default_factory=lambda: Path("adaptrun-logs"))
+    backend: str = "local"           # what runs the agents: "local" processes or "ray" actors
+    ray_address: str | None = None   # ray: None starts a local Ray instance for the run
 
     def validate(self) -> "RunConfig":
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"--backend must be local or ray, got {self.backend!r}")
         if not self.command:
             raise ValueError("give the training command after --, e.g. "
                              "`adaptrun run -- python examples/spirals.py`")
@@ -97,8 +103,7 @@ class LocalRun:
     def start(self) -> "LocalRun":
         c = self.config
         c.log_dir.mkdir(parents=True, exist_ok=True)
-        self.actuator = LocalActuator(agent_command=self._agent_argv,
-                                      nproc_per_node=c.nproc_per_node, log_dir=c.log_dir)
+        self.actuator = self._make_actuator()
         try:
             self.controller = Controller(
                 ControllerConfig(port=c.port, metrics_port=c.metrics_port,
@@ -111,6 +116,18 @@ class LocalRun:
             raise
         self._t0 = time.monotonic()
         return self
+
+    def _make_actuator(self):
+        c = self.config
+        if c.backend == "ray":
+            from .actuators.ray import RayActuator
+
+            # Each agent's actor holds nproc_per_node CPUs; a local instance fits max_workers.
+            return RayActuator(agent_command=self._agent_argv, nproc_per_node=c.nproc_per_node,
+                               address=c.ray_address, log_dir=c.log_dir,
+                               local_num_cpus=max(os.cpu_count() or 1, c.max_workers)).connect()
+        return LocalActuator(agent_command=self._agent_argv, nproc_per_node=c.nproc_per_node,
+                             log_dir=c.log_dir)
 
     def _agent_argv(self, job_id: str, node: str) -> list[str]:
         c = self.config

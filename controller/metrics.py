@@ -1,14 +1,37 @@
-"""Prometheus metrics of the controller, per job (label ``job`` only; rejections add
-``reason`` from a fixed set). Served on ``/metrics`` by prometheus-client's own HTTP server
-on its own port.
+"""Prometheus metrics of the controller, per job; served on ``/metrics`` by prometheus-client's
+own HTTP server on its own port.
 
-Gauges follow the last accepted report of the job; throughput is examples per second
-(global_batch / step_time_s), statistical efficiency is E(B) = (B_noise + B0)/(B_noise + B)
-from ``adaptrun.science.efficiency``, and goodput = throughput x efficiency (B0-equivalent examples
-per second). Each controller owns a ``CollectorRegistry``, so several can live in one process.
+Labels. Every per-job series carries ``job_id`` (never ``job`` or ``instance``: Prometheus
+sets those on every scraped series itself and renames a scraped ``job`` to ``exported_job``);
+rejections add ``reason`` from a fixed set, with ``job_id`` '' when no job is known. No step
+or rank labels: cardinality is one set of series per job.
+
+Gauges of the last accepted report: ``adaptrun_goodput`` (goodput = throughput x efficiency,
+B0-equivalent examples per second), ``adaptrun_throughput_examples_per_second``
+(global_batch / step_time_s), ``adaptrun_statistical_efficiency`` (E(B) = (B_noise + B0) /
+(B_noise + B), from ``adaptrun.science.efficiency``), ``adaptrun_noise_scale_examples``,
+``adaptrun_global_batch_size``, ``adaptrun_local_batch_size``, ``adaptrun_accumulation_steps``,
+``adaptrun_learning_rate``, ``adaptrun_workers`` (the world size that reported),
+``adaptrun_last_report_timestamp_seconds`` (unix time it was accepted) and
+``adaptrun_job_finished`` (1 once a report said the last epoch is done).
+
+Gauges of the controller's view: ``adaptrun_workers_min`` / ``adaptrun_workers_max`` (the
+bounds), ``adaptrun_workers_desired`` (what the actuator is moving the job to) and
+``adaptrun_policy_wanted_workers`` (the count the policy would pick were the bounds widened to
+[1, 2 x max]: above ``adaptrun_workers_max`` or below ``adaptrun_workers_min`` the bounds
+hold the job back. The controller asks a copy of the job's policy while the job sits at a
+bound, every 30 s at most; inside the bounds it is the policy's own choice). These two and
+the last report's time appear once known, not as a misleading 0.
+
+Counters ``adaptrun_reports_total``, ``adaptrun_resizes_total`` (worker-count changes
+decided), ``adaptrun_rejected_reports_total{reason}``; histogram ``adaptrun_policy_seconds``.
+No ``_created`` series: the registry drops them (they double the series count and no rule
+or panel reads them). ``deploy/prometheus/rules.yml`` and ``deploy/grafana/adaptrun.json``
+read these names. Each controller owns its registry, so several can live in one process.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -19,6 +42,8 @@ from adaptrun.science.report import Report
 from .validation import REASONS
 
 __all__ = ["Metrics", "report_figures", "ReportFigures"]
+
+LABEL = "job_id"
 
 _GAUGES = {
     "goodput": ("adaptrun_goodput",
@@ -35,7 +60,29 @@ _GAUGES = {
     "workers": ("adaptrun_workers", "Worker processes (replicas) now"),
     "workers_min": ("adaptrun_workers_min", "Lower bound on the job's workers"),
     "workers_max": ("adaptrun_workers_max", "Upper bound on the job's workers"),
+    "workers_desired": ("adaptrun_workers_desired",
+                        "Workers the actuator is moving the job to"),
+    "policy_wanted": ("adaptrun_policy_wanted_workers",
+                      "Workers the policy would choose with the bounds widened to [1, 2 x max]"),
+    "last_report": ("adaptrun_last_report_timestamp_seconds",
+                    "Unix time of the job's last accepted report"),
+    "finished": ("adaptrun_job_finished", "1 once a report said the job's last epoch is done"),
 }
+# Series that appear only once known: a 0 there would read as "wants 0 workers" or "last
+# report in 1970" to an alert.
+_SET_WHEN_KNOWN = frozenset({"workers_desired", "policy_wanted", "last_report"})
+
+
+class _NoCreatedRegistry(CollectorRegistry):
+    """A registry whose counters and histograms carry no ``_created`` sample, whatever
+    prometheus-client's process-wide setting (``disable_created_metrics``) says."""
+
+    def collect(self):
+        for metric in super().collect():
+            if metric.type in ("counter", "histogram", "summary"):
+                created = metric.name + "_created"
+                metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
 
 
 @dataclass(frozen=True)
@@ -56,25 +103,27 @@ def report_figures(r: Report) -> ReportFigures:
 class _JobChildren:
     """The labelled children of one job, looked up once (labels() is not free)."""
 
-    def __init__(self, m: "Metrics", job: str):
-        self.gauges = {k: g.labels(job=job) for k, g in m.gauges.items()}
-        self.resizes = m.resizes.labels(job=job)
-        self.reports = m.reports.labels(job=job)
-        self.policy_seconds = m.policy_seconds.labels(job=job)
+    def __init__(self, m: "Metrics", job_id: str):
+        self.gauges = {k: g.labels(job_id) for k, g in m.gauges.items()
+                       if k not in _SET_WHEN_KNOWN}
+        self.resizes = m.resizes.labels(job_id)
+        self.reports = m.reports.labels(job_id)
+        self.policy_seconds = m.policy_seconds.labels(job_id)
 
 
 class Metrics:
     def __init__(self):
-        self.registry = CollectorRegistry()
+        self.registry = _NoCreatedRegistry()
         r = self.registry
-        self.gauges = {k: Gauge(name, doc, ["job"], registry=r) for k, (name, doc) in _GAUGES.items()}
-        self.resizes = Counter("adaptrun_resizes", "Worker-count changes decided", ["job"], registry=r)
-        self.reports = Counter("adaptrun_reports", "Reports accepted", ["job"], registry=r)
+        self.gauges = {k: Gauge(name, doc, [LABEL], registry=r) for k, (name, doc) in _GAUGES.items()}
+        self.resizes = Counter("adaptrun_resizes", "Worker-count changes decided", [LABEL],
+                               registry=r)
+        self.reports = Counter("adaptrun_reports", "Reports accepted", [LABEL], registry=r)
         self.rejected = Counter("adaptrun_rejected_reports",
-                                "Reports and registrations rejected, by reason (job '' = none "
-                                "known)", ["job", "reason"], registry=r)
+                                "Reports and registrations rejected, by reason (job_id '' = none "
+                                "known)", [LABEL, "reason"], registry=r)
         self.policy_seconds = Histogram(
-            "adaptrun_policy_seconds", "Time of one policy run (observe + decide)", ["job"],
+            "adaptrun_policy_seconds", "Time of one policy run (observe + decide)", [LABEL],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r)
         self._children: dict[str, _JobChildren] = {}
@@ -86,13 +135,26 @@ class Metrics:
         if c is None:
             c = self._children[job_id] = _JobChildren(self, job_id)
             for reason in REASONS:   # every series exists from the start, at 0 (rate() works)
-                self.rejected.labels(job=job_id, reason=reason)
+                self.rejected.labels(job_id, reason)
         return c
 
     def set_bounds(self, job_id: str, min_workers: int, max_workers: int) -> None:
         c = self.job(job_id)
         c.gauges["workers_min"].set(min_workers)
         c.gauges["workers_max"].set(max_workers)
+
+    def _gauge(self, job_id: str, key: str):
+        gauges = self.job(job_id).gauges
+        g = gauges.get(key)
+        if g is None:
+            g = gauges[key] = self.gauges[key].labels(job_id)
+        return g
+
+    def set_workers_desired(self, job_id: str, workers: int) -> None:
+        self._gauge(job_id, "workers_desired").set(workers)
+
+    def set_policy_wanted(self, job_id: str, workers: int) -> None:
+        self._gauge(job_id, "policy_wanted").set(workers)
 
     def observe_report(self, r: Report, figures: ReportFigures) -> None:
         g = self.job(r.job_id).gauges
@@ -105,11 +167,14 @@ class Metrics:
         g["accum_steps"].set(r.accum_steps)
         g["lr"].set(r.lr)
         g["workers"].set(r.world_size)
+        self._gauge(r.job_id, "last_report").set(time.time())
+        if r.finished:
+            g["finished"].set(1)
         self._children[r.job_id].reports.inc()
 
     def rejected_report(self, job_id: str, reason: str) -> None:
         # job_id is '' or a registered job: never a string an attacker picked freely.
-        self.rejected.labels(job=job_id, reason=reason).inc()
+        self.rejected.labels(job_id, reason).inc()
 
     def forget(self, job_id: str) -> None:
         self._children.pop(job_id, None)

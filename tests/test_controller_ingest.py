@@ -118,22 +118,22 @@ def test_bad_reports_rejected_while_another_job_keeps_going():
         assert b_acks == sorted(b_acks) and len(b_acks) >= 5
 
         text = scrape(ctl)
-        assert sample(text, "adaptrun_local_batch_size", job="job-b") == 16
-        assert sample(text, "adaptrun_learning_rate", job="job-b") == 0.05
-        assert sample(text, "adaptrun_reports_total", job="job-b") == len(b_acks)
-        assert sample(text, "adaptrun_rejected_reports_total", job="job-b", reason="invalid") == 0
-        rej = {r: sample(text, "adaptrun_rejected_reports_total", job="job-a", reason=r)
+        assert sample(text, "adaptrun_local_batch_size", job_id="job-b") == 16
+        assert sample(text, "adaptrun_learning_rate", job_id="job-b") == 0.05
+        assert sample(text, "adaptrun_reports_total", job_id="job-b") == len(b_acks)
+        assert sample(text, "adaptrun_rejected_reports_total", job_id="job-b", reason="invalid") == 0
+        rej = {r: sample(text, "adaptrun_rejected_reports_total", job_id="job-a", reason=r)
                for r in ("invalid", "malformed", "oversize", "wrong_job", "unknown_job",
                          "rate_limited")}
         assert rej["invalid"] == len(BAD_FIELDS)
         assert rej["malformed"] == 2 and rej["oversize"] == 1
         assert rej["wrong_job"] == 1 and rej["unknown_job"] == 1 and rej["rate_limited"] == 1
-        assert sample(text, "adaptrun_rejected_reports_total", job="", reason="unregistered") == 1
+        assert sample(text, "adaptrun_rejected_reports_total", job_id="", reason="unregistered") == 1
         # Job A's good reports (2, and the flood's burst until the limit) counted; no bad one.
         accepted_a = ctl.core.registry.job("job-a").accepted
         assert 2 < accepted_a < 2 + 200
-        assert sample(text, "adaptrun_reports_total", job="job-a") == accepted_a
-        assert sample(text, "adaptrun_workers", job="job-a") == 2
+        assert sample(text, "adaptrun_reports_total", job_id="job-a") == accepted_a
+        assert sample(text, "adaptrun_workers", job_id="job-a") == 2
 
 
 @pytest.mark.timeout(20)

@@ -33,7 +33,7 @@ def _scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     values = {}
     for line in text.splitlines():
-        if line.startswith("#") or 'job="e2e"' not in line:
+        if line.startswith("#") or 'job_id="e2e"' not in line:
             continue
         name, _, value = line.rpartition(" ")
         values[name.split("{")[0]] = float(value)

@@ -4,14 +4,19 @@ An ``Actuator`` is told the number of workers (replicas) a job should have and m
 asynchronously: ``set_workers`` returns at once, and ``current_workers`` says what it is
 working towards. The controller calls it only for a worker-count change; a batch-only change
 reaches the agents as a directive. Backends live in sibling modules and register a factory
-under a name (``local`` here; ``kubernetes`` and ``ray`` come with the cluster issue);
-``create_actuator(name, **options)`` builds one.
+under a name (``local``, ``kubernetes``, ``ray``);
+``create_actuator(name, **options)`` builds one. The controller ``bind``s each actuator to two
+callbacks of its own: a line for a job's notices (an unmet scale, an evicted pod) and the job's
+worker bounds.
 """
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
 from typing import Callable
+
+Notify = Callable[[str, str], None]                       # (job_id, text)
+BoundsOf = Callable[[str], "tuple[int, int] | None"]      # job_id -> (min, max) workers
 
 __all__ = ["Actuator", "ActuatorError", "UnknownActuatorError", "register_actuator",
            "create_actuator", "actuator_names"]
@@ -29,6 +34,22 @@ class Actuator(ABC):
     """Adds or removes workers of jobs. Thread-safe; methods never block on the change."""
 
     name: str = ""
+    _notify: Notify | None = None
+    _bounds_of: BoundsOf | None = None
+
+    def bind(self, notify: Notify | None, bounds_of: BoundsOf | None) -> None:
+        """The controller's side: ``notify(job_id, text)`` puts a line on the job's status
+        (its notices; each line said once), ``bounds_of(job_id)`` gives the job's (min, max)
+        workers or None. Both are cheap and may be called from any thread."""
+        self._notify, self._bounds_of = notify, bounds_of
+
+    def notify(self, job_id: str, text: str) -> None:
+        """Tell the job's user (a no-op until bound); callers log it themselves."""
+        if self._notify is not None:
+            self._notify(job_id, text)
+
+    def job_bounds(self, job_id: str) -> tuple[int, int] | None:
+        return self._bounds_of(job_id) if self._bounds_of is not None else None
 
     @abstractmethod
     def set_workers(self, job_id: str, workers: int) -> None:
@@ -49,6 +70,8 @@ class Actuator(ABC):
 # dependencies (a Kubernetes client, ray) load only when it is chosen.
 _FACTORIES: dict[str, str | Callable[..., Actuator]] = {
     "local": "adaptrun.controller.actuators.local:LocalActuator",
+    "kubernetes": "adaptrun.controller.actuators.kubernetes:KubernetesActuator",
+    "ray": "adaptrun.controller.actuators.ray:RayActuator",
 }
 
 
