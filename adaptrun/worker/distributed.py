@@ -24,6 +24,7 @@ Semantics
 """
 from __future__ import annotations
 
+import atexit
 import os
 import time
 import uuid
@@ -146,6 +147,7 @@ def form_world(backend: str | None = None, timeout_s_: float | None = None,
     if not dist.is_initialized():
         dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout))
+        _destroy_at_exit()
     _store = store
     new = WorldInfo(rank=rank, world_size=world_size, local_rank=local_rank,
                        local_world_size=local_world_size, nodes=max(1, min(nodes, world_size)),
@@ -174,6 +176,26 @@ def world(what: str = "this") -> WorldInfo:
 def job_store():
     """The job's unprefixed c10d store (directives live here); None before init()."""
     return _store
+
+
+_exit_hook = False
+
+
+def _destroy_at_exit() -> None:
+    """A script that ends without finishing its epochs (a step limit, an exception) leaves the
+    process group alive; torch then tears gloo's threads down at interpreter exit and may
+    abort ("terminate called without an active exception", exit -6). Destroy it first."""
+    global _exit_hook
+    if not _exit_hook:
+        atexit.register(_quiet_shutdown)
+        _exit_hook = True
+
+
+def _quiet_shutdown() -> None:
+    try:
+        shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
 
 
 def shutdown() -> None:
