@@ -140,8 +140,10 @@ def test_grow_1_2_3_and_shrink_back_exactly_once(tmp_path):
     """torchrun --nnodes=1:3, one torchrun per 'node'. Workers save at an agreed step when
     torchrun stops them and continue from the sampler cursor in the new world."""
     samples, epochs = 4000, 2
+    pace = tmp_path / "pace"
+    pace.write_text("0.04")
     args = ["--samples", str(samples), "--batch", "24", "--epochs", str(epochs),
-            "--step-sleep", "0.04", "--out", str(tmp_path)]
+            "--pace-file", str(pace), "--out", str(tmp_path)]
     port = harness.free_port()
     procs: list[subprocess.Popen] = []
 
@@ -169,6 +171,7 @@ def test_grow_1_2_3_and_shrink_back_exactly_once(tmp_path):
         os.killpg(procs[1].pid, signal.SIGTERM)
         procs[1].wait(timeout=30)
         harness.wait_steps(tmp_path, at_world(1, t_down2), 5, 60, procs[:1])
+        pace.write_text("0")          # the rest of the job at full speed
         assert procs[0].wait(timeout=90) == 0, harness.tail(tmp_path / "node0.log")
     finally:
         for p in procs:
