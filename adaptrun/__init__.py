@@ -43,6 +43,7 @@ _LAZY: dict[str, str] = {
     "NotInitializedError": "worker.errors",
     "BatchConfigError": "worker.errors",
     "SnapshotMismatchError": "worker.errors",
+    "SnapshotCorruptError": "worker.errors",
 }
 
 # former flat module name -> its subpackage

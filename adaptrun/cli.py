@@ -31,8 +31,10 @@ def cli() -> None:
 @click.option("--gpus-per-node", type=int, default=4, show_default=True)
 @click.option("--resize-cost-s", type=float, default=30.0, show_default=True,
               help="Wall time a change of replica count costs.")
-@click.option("--policy", "policy_name", type=click.Choice(["adaptive", "fixed-init", "fixed"]),
-              default="adaptive", show_default=True)
+@click.option("--policy", "policy_name", type=click.Choice(["adaptive", "oracle", "fixed-init", "fixed"]),
+              default="adaptive", show_default=True,
+              help="oracle: the per-epoch optimum in hindsight (reads the trace's future), "
+                   "paying --resize-cost-s per change of replicas.")
 @click.option("--replicas", type=int, help="Replicas for --policy fixed.")
 @click.option("--batch", type=float, help="Global batch for --policy fixed.")
 @click.option("--epochs", type=int, help="Train this many epochs instead of the workload's own.")
@@ -122,13 +124,87 @@ def _rpc_problem(exc, target: str) -> UsageProblem:
     return UsageProblem(f"the controller at {target} said {code.name if code else '?'}: {details}")
 
 
-def _controller_stub(target: str):
+def _controller_stub(target: str, credentials=None):
     import grpc
 
     from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(target)
+    channel = credentials.channel(target) if credentials else grpc.insecure_channel(target)
     return channel, pb_grpc.ControllerStub(channel)
+
+
+def _client_security(command):
+    """TLS and token options of the controller's clients (`agent`, `status`, `scale`); the
+    command gets one ``credentials`` argument (agents.controller_client.ClientCredentials)."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapped(*args, tls_ca, tls_cert, tls_key, token_file, insecure, **kw):
+        import os
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")   # before grpc loads: no C-core logs
+        from adaptrun.agents.controller_client import ClientCredentials, CredentialsError
+        try:
+            creds = ClientCredentials.from_files(tls_ca, tls_cert, tls_key, token_file,
+                                                 insecure)
+            if kw.get("target"):
+                _controller_target(kw["target"])
+                creds.check_target(kw["target"])
+        except CredentialsError as exc:
+            raise UsageProblem(str(exc)) from None
+        return command(*args, credentials=creds, **kw)
+    for option in reversed([
+            click.option("--tls-ca", default=None, help="CA certificate (PEM) that signed the "
+                         "controller's certificate: talk TLS to it."),
+            click.option("--tls-cert", default=None, help="This client's certificate (PEM), for "
+                         "a controller that requires mutual TLS; with --tls-key."),
+            click.option("--tls-key", default=None, help="This client's private key (PEM)."),
+            click.option("--token-file", default=None, help="File holding the job's token, sent "
+                         "as 'authorization: Bearer'; default: $ADAPTRUN_TOKEN (never a flag "
+                         "value: other users see command lines)."),
+            click.option("--insecure", is_flag=True, help="Allow plaintext to a controller "
+                         "that is not on loopback (a warning is logged).")]):
+        wrapped = option(wrapped)
+    return wrapped
+
+
+def _server_security(command):
+    """TLS, token and binding options of `adaptrun controller`; the command gets one
+    ``security`` argument: a dict of keyword arguments of ``Controller``."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapped(*args, tls_cert, tls_key, tls_ca, tokens_file, insecure, rdzv_host,
+                health_port, **kw):
+        import os
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")   # before grpc loads: no C-core logs
+        from adaptrun.controller.auth import AuthError, ServerSecurity, TokenTable
+        try:
+            tokens = TokenTable.load(tokens_file) if tokens_file else None
+            sec = ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                                 tokens=tokens, insecure=insecure).validate()
+        except AuthError as exc:
+            raise UsageProblem(str(exc)) from None
+        return command(*args, security=dict(security=sec, rdzv_host=rdzv_host,
+                                            health_port=health_port), **kw)
+    for option in reversed([
+            click.option("--tls-cert", default=None, help="The server's certificate (PEM): "
+                         "serve gRPC over TLS; with --tls-key."),
+            click.option("--tls-key", default=None, help="The server's private key (PEM)."),
+            click.option("--tls-ca", default=None, help="CA (PEM) whose client certificates "
+                         "are accepted: mutual TLS, a client without one fails the handshake."),
+            click.option("--tokens-file", default=None, help="Lines 'JOB_ID TOKEN' (a job's "
+                         "token) and '* TOKEN' (the operator's, the only one that may scale); "
+                         "none: every caller may do everything (loopback and tests only)."),
+            click.option("--insecure", is_flag=True, help="Allow plaintext gRPC on an address "
+                         "that is not loopback (a warning is logged)."),
+            click.option("--rdzv-host", default=None, help="Address the rendezvous store binds "
+                         "(default: --host). It has no TLS: keep it on a network only the "
+                         "jobs' workers reach (README, Security)."),
+            click.option("--health-port", default=None, type=click.IntRange(0, 65535),
+                         help="Also serve grpc.health.v1 alone, in plaintext, on this port "
+                              "(for the kubelet's gRPC probes, which cannot do TLS).")]):
+        wrapped = option(wrapped)
+    return wrapped
 
 
 def _k8s_options(command):
@@ -195,10 +271,14 @@ def _actuator_options(actuator: str, k8s: dict) -> dict:
               help="How often each job's policy runs.")
 @click.option("--max-threads", default=1024, show_default=True, type=click.IntRange(min=4),
               help="gRPC handler threads; each agent holds two while connected.")
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False),
+              help="Keep each job's state here (bounds, learned throughput and noise scale, "
+                   "generation) so a restarted controller resumes its jobs (default: none).")
 @_k8s_options
+@_server_security
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actuator,
-                       policy_interval_s, max_threads, verbose, **k8s):
+                       policy_interval_s, max_threads, state_dir, verbose, security, **k8s):
     """Run the controller: job registry, policy, directives, /metrics."""
     import os
     # gRPC's C core logs a bind failure on stderr itself; we say it in one line instead.
@@ -223,9 +303,9 @@ def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actu
                               actuator=actuator, policy_interval_s=policy_interval_s,
                               actuator_options=_actuator_options(actuator, k8s),
                               max_threads=max_threads, rdzv_port=store_port,
-                              rdzv_advertise=rdzv_advertise)
+                              rdzv_advertise=rdzv_advertise, state_dir=state_dir)
     try:
-        ctl = Controller(config).start()
+        ctl = Controller(config, **security).start()
     except (ControllerError, UnknownActuatorError, ActuatorError) as exc:
         raise UsageProblem(str(exc)) from None
     store = (f", rendezvous store on port {ctl.rdzv_port}" if ctl.rdzv_port is not None
@@ -246,7 +326,8 @@ def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actu
 @click.option("--job", "job_id", default="", help="Only this job.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per job).")
 @click.option("--timeout-s", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
-def status_command(target, job_id, as_json, timeout_s):
+@_client_security
+def status_command(target, job_id, as_json, timeout_s, credentials):
     """Show the jobs a running controller knows."""
     import json
 
@@ -256,9 +337,10 @@ def status_command(target, job_id, as_json, timeout_s):
     from adaptrun.generated import control_plane_pb2 as pb
 
     _controller_target(target)
-    channel, stub = _controller_stub(target)
+    channel, stub = _controller_stub(target, credentials)
     try:
-        resp = stub.ListJobs(pb.ListJobsRequest(job_id=job_id), timeout=timeout_s)
+        resp = stub.ListJobs(pb.ListJobsRequest(job_id=job_id), timeout=timeout_s,
+                             metadata=credentials.metadata())
     except grpc.RpcError as exc:
         raise _rpc_problem(exc, target) from None
     finally:
@@ -293,7 +375,8 @@ def status_command(target, job_id, as_json, timeout_s):
 @click.option("--max-workers", type=click.IntRange(min=1), required=True)
 @click.option("--controller", "target", required=True, help="The controller, HOST:PORT.")
 @click.option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0.1))
-def scale_command(job_id, min_workers, max_workers, target, timeout_s):
+@_client_security
+def scale_command(job_id, min_workers, max_workers, target, timeout_s, credentials):
     """Change a job's worker bounds at run time; the controller acts on them."""
     import grpc
 
@@ -302,10 +385,11 @@ def scale_command(job_id, min_workers, max_workers, target, timeout_s):
     _controller_target(target)
     if min_workers > max_workers:
         raise UsageProblem(f"--min-workers {min_workers} exceeds --max-workers {max_workers}")
-    channel, stub = _controller_stub(target)
+    channel, stub = _controller_stub(target, credentials)
     try:
         s = stub.SetBounds(pb.SetBoundsRequest(job_id=job_id, min_workers=min_workers,
-                                               max_workers=max_workers), timeout=timeout_s)
+                                               max_workers=max_workers), timeout=timeout_s,
+                           metadata=credentials.metadata())
     except grpc.RpcError as exc:
         raise _rpc_problem(exc, target) from None
     finally:
@@ -313,6 +397,27 @@ def scale_command(job_id, min_workers, max_workers, target, timeout_s):
     click.echo(f"job {s.job_id}: workers [{s.bounds.min_workers}, {s.bounds.max_workers}], "
                f"now {s.world_size}, desired {s.desired_workers or '-'}; "
                f"{s.last_decision or 'no decision yet'}")
+
+
+@cli.command("certs")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--hosts", default="localhost,127.0.0.1,adaptrun-controller", show_default=True,
+              help="Names and addresses the controller's certificate is valid for, comma "
+                   "separated (its Service name in Kubernetes).")
+@click.option("--days", default=365, show_default=True, type=click.IntRange(min=1))
+def certs_command(directory, hosts, days):
+    """Write a CA and a server and a client certificate with their keys (ca.crt, ca.key,
+    server.crt, server.key, client.crt, client.key; keys mode 0600) for a test deployment."""
+    from adaptrun.controller.auth import write_test_pki
+
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    if not names:
+        raise UsageProblem("--hosts names no host")
+    try:
+        paths = write_test_pki(directory, names, days)
+    except OSError as exc:
+        raise UsageProblem(f"cannot write to {directory}: {exc.strerror}") from None
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
 # --- agent ----------------------------------------------------------------------------
@@ -378,12 +483,13 @@ def _batch_caps(command):
 @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
               help="Start the next round's workers ahead (torch imported) while the old "
                    "world trains; off: plain `python train.py` per round.")
+@_client_security
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_conf,
                   max_restarts, node, local_addr, min_workers, max_workers, init_batch,
                   max_global_batch, local_batch_min, local_batch_max, snapshot_dir,
-                  controller_wait_s, warm_start, verbose, command):
+                  controller_wait_s, warm_start, verbose, command, credentials):
     """Run this node's workers of a job: `adaptrun agent --job ID ... -- python train.py ARGS`."""
     import logging
     import os
@@ -412,6 +518,7 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
                            local_batch_min=local_batch_min, local_batch_max=local_batch_max)
     config = AgentConfig(job_id=job_id, command=command, nproc_per_node=nproc_per_node,
                          nnodes_min=lo, nnodes_max=hi, controller=target,
+                         controller_credentials=credentials,
                          rdzv_endpoint=rdzv_endpoint, rdzv_conf=conf,
                          max_restarts=max_restarts, node=node, local_addr=local_addr,
                          bounds=bounds, snapshot_dir=snapshot_dir,

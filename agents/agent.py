@@ -67,7 +67,7 @@ from adaptrun.worker.directive import (PLANNED_EXIT_CODE, STATUS_KEY, Directive,
                                        write_directive)
 from adaptrun.science.report import Report
 
-from .controller_client import ControllerClient, JobBoundsSpec
+from .controller_client import ClientCredentials, ControllerClient, JobBoundsSpec
 from .rendezvous import (RendezvousConf, RoundSpec, connect_store, end_round, fast_polling,
                          join_round)
 from .workers import Outcome, WarmWorker, WorkerGroup, WorkerSpec, spawn_spares
@@ -95,6 +95,7 @@ class AgentConfig:
     nnodes_min: int = 1
     nnodes_max: int = 1
     controller: str | None = None
+    controller_credentials: ClientCredentials | None = None   # TLS files, token
     rdzv_endpoint: str | None = None
     rdzv_conf: RendezvousConf = field(default_factory=RendezvousConf)
     max_restarts: int = 3
@@ -306,6 +307,7 @@ class Agent:
         self.report_file = os.path.join(self._workdir, "reports.jsonl")
         self.relay: ReportRelay | None = None
         env = dict(os.environ)
+        env.pop("ADAPTRUN_TOKEN", None)    # the job's credential is the agent's, not the script's
         env["ADAPTRUN_REPORT_FILE"] = self.report_file
         if c.snapshot_dir:
             env["ADAPTRUN_SNAPSHOT_DIR"] = c.snapshot_dir
@@ -337,7 +339,8 @@ class Agent:
                                            max_workers=c.nnodes_max * c.nproc_per_node)
         self.client = ControllerClient(c.controller, c.job_id, self.node, c.nproc_per_node,
                                        c.local_addr or socket.gethostname(), bounds,
-                                       on_directive=self._on_directive).start()
+                                       on_directive=self._on_directive,
+                                       credentials=c.controller_credentials).start()
         if not self.client.connected.wait(c.controller_wait_s):
             log.warning("not registered with the controller at %s after %.1f s; starting "
                         "without it (it keeps trying in the background)", c.controller,
@@ -707,9 +710,10 @@ class Agent:
                 if self.relay.last_step > committed:
                     committed = self.relay.last_step
                     try:
-                        job_store.set(COMMITTED_KEY, str(committed))
+                        if not self._store_lost:
+                            job_store.set(COMMITTED_KEY, str(committed))
                     except (RuntimeError, OSError):
-                        pass
+                        self._store_lost = True   # torch logs a trace per failed call
                 if self._retiring:
                     self._reap_retiring()
                 if (self._spares is None and c.standby_after_s >= 0
@@ -808,6 +812,8 @@ class Agent:
             return group_rank
 
     def _peer_failed(self, round_store) -> bool:
+        if self._store_lost:
+            return False            # no store to ask (and each failed call logs a trace)
         try:
             return round_store.check([FAILED_KEY])
         except (RuntimeError, OSError) as exc:

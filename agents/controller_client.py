@@ -12,16 +12,25 @@ Training never waits on the controller: ``report()`` puts the report in a bounde
 returns; when the queue is full the oldest report is dropped. An unreachable controller is
 logged once (warning) per outage, then at debug level, and once more when it is back.
 ``on_directive(directive)`` is called from the client's thread for each new generation.
+
+Credentials (``ClientCredentials``): TLS to the controller (``tls_ca`` to trust its
+certificate; ``tls_cert``/``tls_key`` for mutual TLS) and the job's token, sent on every call
+as ``authorization: Bearer TOKEN``. ``ClientCredentials.from_files`` reads the token from a
+file or ``$ADAPTRUN_TOKEN``, never from a command line (``ps`` shows those to every user).
+Plaintext is meant for loopback; ``check_target`` refuses it elsewhere unless ``insecure``.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import os
 import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -30,11 +39,91 @@ from adaptrun.generated import control_plane_pb2 as pb
 from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
 from adaptrun.science.report import Report
 
-__all__ = ["ControllerClient", "JobBoundsSpec", "report_to_proto"]
+__all__ = ["ControllerClient", "JobBoundsSpec", "report_to_proto", "ClientCredentials",
+           "CredentialsError", "TOKEN_ENV"]
 
 log = logging.getLogger("adaptrun.agent")
 
 AGENT_ID_METADATA = "adaptrun-agent-id"
+TOKEN_ENV = "ADAPTRUN_TOKEN"
+
+
+class CredentialsError(ValueError):
+    """Unusable client credentials (a missing file, plaintext off loopback); says which."""
+
+
+def _loopback(target: str) -> bool:
+    host = target.rpartition(":")[0].strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """How a client reaches the controller: TLS files (PEM paths) and the job's token."""
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = field(default=None, repr=False)
+    insecure: bool = False             # plaintext to a non-loopback controller, knowingly
+
+    @classmethod
+    def from_files(cls, tls_ca=None, tls_cert=None, tls_key=None, token_file=None,
+                   insecure=False, env=os.environ) -> "ClientCredentials":
+        """Check the TLS flags and read the token: ``token_file``, else ``$ADAPTRUN_TOKEN``."""
+        if bool(tls_cert) != bool(tls_key):
+            raise CredentialsError("--tls-cert and --tls-key go together: give both")
+        if insecure and (tls_ca or tls_cert):
+            raise CredentialsError("--insecure and --tls-* exclude each other")
+        for flag, path in (("--tls-ca", tls_ca), ("--tls-cert", tls_cert),
+                           ("--tls-key", tls_key)):
+            if path and not Path(path).is_file():
+                raise CredentialsError(f"{flag} {path}: no such file")
+        token = None
+        if token_file:
+            try:
+                token = Path(token_file).read_text().strip()
+            except OSError as exc:
+                raise CredentialsError(f"cannot read --token-file {token_file}: "
+                                       f"{exc.strerror}") from None
+            if not token:
+                raise CredentialsError(f"--token-file {token_file} is empty")
+        elif env.get(TOKEN_ENV, "").strip():
+            token = env[TOKEN_ENV].strip()
+        return cls(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token,
+                   insecure=insecure)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def check_target(self, target: str) -> None:
+        if self.tls or _loopback(target):
+            return
+        if not self.insecure:
+            raise CredentialsError(f"refusing plaintext to the controller at {target}: give "
+                                   f"--tls-ca (and --tls-cert/--tls-key for mutual TLS), or "
+                                   f"--insecure")
+        log.warning("talking to the controller at %s WITHOUT TLS (--insecure)", target)
+
+    def channel(self, target: str) -> grpc.Channel:
+        if not self.tls:
+            return grpc.insecure_channel(target)
+        read = (lambda p: Path(p).read_bytes() if p else None)
+        creds = grpc.ssl_channel_credentials(root_certificates=read(self.tls_ca),
+                                             private_key=read(self.tls_key),
+                                             certificate_chain=read(self.tls_cert))
+        return grpc.secure_channel(target, creds)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+PLAINTEXT = ClientCredentials()
 
 
 @dataclass(frozen=True)
@@ -80,8 +169,10 @@ class ControllerClient:
     def __init__(self, target: str, job_id: str, node: str, slots: int, address: str,
                  bounds: JobBoundsSpec, on_directive: Callable[[pb.Directive], None] | None = None,
                  queue_size: int = 64, backoff_initial_s: float = 0.5,
-                 backoff_max_s: float = 30.0, rpc_timeout_s: float = 5.0):
+                 backoff_max_s: float = 30.0, rpc_timeout_s: float = 5.0,
+                 credentials: ClientCredentials | None = None):
         self.target = target
+        self.credentials = credentials or PLAINTEXT
         self.job_id = job_id
         self.node = node
         self.slots = slots
@@ -139,7 +230,7 @@ class ControllerClient:
     def _run(self) -> None:
         backoff = self.backoff_initial_s
         outage = False
-        self._channel = grpc.insecure_channel(self.target)
+        self._channel = self.credentials.channel(self.target)
         stub = pb_grpc.ControllerStub(self._channel)
         while not self._stop.is_set():
             started = time.monotonic()
@@ -174,10 +265,11 @@ class ControllerClient:
             backoff = min(backoff * 2, self.backoff_max_s)
 
     def _session(self, stub) -> None:
+        auth = self.credentials.metadata()
         resp = stub.Register(pb.RegisterRequest(
             job_id=self.job_id, node=self.node, slots=self.slots, address=self.address,
             bounds=self.bounds.to_proto(), last_generation=self.last_generation),
-            timeout=self.rpc_timeout_s)
+            timeout=self.rpc_timeout_s, metadata=auth)
         log.info("registered with the controller at %s as %s", self.target, resp.agent_id)
         self._registered = True
         self.agent_id = resp.agent_id
@@ -188,9 +280,10 @@ class ControllerClient:
             self._deliver(resp.directive)
         self.connected.set()   # after the current directive: a waiter sees both
         watch = stub.WatchDirectives(pb.WatchDirectivesRequest(
-            job_id=self.job_id, agent_id=resp.agent_id, last_generation=self.last_generation))
+            job_id=self.job_id, agent_id=resp.agent_id, last_generation=self.last_generation),
+            metadata=auth)
         reports = stub.StreamReports(self._report_stream(),
-                                     metadata=((AGENT_ID_METADATA, resp.agent_id),))
+                                     metadata=((AGENT_ID_METADATA, resp.agent_id), *auth))
         self._calls = [watch, reports]
         failure: list[grpc.RpcError] = []
 

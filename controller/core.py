@@ -13,6 +13,10 @@ While a directive is being applied (the job's reports still show the old configu
 policy observes but does not decide again, for at most ``settle_timeout_s``; otherwise it
 would issue the same move once per cadence. A failure in one job's policy is logged and
 leaves that job at its configuration; it never touches another job.
+
+With ``state_dir`` the core keeps each job's lasting state there (``state_store``): every
+change marks the job, a writer thread saves it (throttled, atomic, off the request path), and
+a new core loads every job at start, so a restarted controller resumes each job where it was.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from adaptrun.science.policy import BoundsError, Config, Decision, Policy, bound
 from .actuators import Actuator, ActuatorError
 from .metrics import Metrics, report_figures
 from .ratelimit import TokenBucket
-from .registry import Agent, Directive, Job, JobRegistry, RegistryFull
+from .registry import Agent, Directive, Job, JobRegistry, RegistryFull, job_from_state, job_state
+from .state_store import StateStore
 from .validation import Malformed, Rejection, check_registration, report_from_proto
 
 __all__ = ["ControllerConfig", "ControllerCore", "PolicyLoop"]
@@ -59,6 +64,8 @@ class ControllerConfig:
     actuator_options: dict | None = None  # keyword options of the actuator's factory
     rdzv_port: int | None = 0           # the jobs' rendezvous store (0: any free port; None: none)
     rdzv_advertise: str = ""            # host agents use for it ("": the controller's host)
+    state_dir: str | None = None        # jobs' lasting state, for restarts (None: kept nowhere)
+    state_write_interval_s: float = 0.5   # per job, at most one state write this often
 
 
 def config_of(report) -> Config:
@@ -81,6 +88,46 @@ class ControllerCore:
         bind = getattr(actuator, "bind", None)   # its notices and bounds come from here
         if bind is not None:
             bind(self.actuator_notice, self.job_bounds)
+        self.state: StateStore | None = None
+        if config.state_dir:
+            self.state = StateStore(config.state_dir, self._job_state,
+                                    config.state_write_interval_s)
+            n = self.state.load(self._restore_job)
+            log.info("state dir %s: %d job(s) restored", config.state_dir, n)
+
+    # -- the state dir -------------------------------------------------------------------
+    def _job_state(self, job_id: str) -> dict | None:
+        job = self.registry.job(job_id)
+        return None if job is None else job_state(job, self.clock(), time.time())
+
+    def _restore_job(self, state: dict) -> None:
+        c = self.config
+        job = job_from_state(state, lambda b: Policy(b, resize_cost_s=c.resize_cost_s),
+                             TokenBucket(c.report_rate_per_s, c.report_burst), self.clock(),
+                             time.time())
+        if not self.registry.restore(job):
+            log.warning("job %s from the state dir not restored: the controller tracks %d "
+                        "jobs already", job.job_id, self.config.max_jobs)
+            return
+        self.metrics.job(job.job_id)
+        self.metrics.set_bounds(job.job_id, job.bounds.min_replicas, job.bounds.max_replicas)
+        stats = job.policy._stats
+        noise = ("%.0f" % (job.bounds.init_batch * max(stats[1], 0.0) / stats[0])
+                 if stats else "none yet")
+        log.info("job %s restored: generation %d, %d measured configuration(s), noise scale "
+                 "%s, resize cost %.2f s%s", job.job_id, job.generation,
+                 len(job.policy.samples()), noise, job.policy.resize_cost_s,
+                 " (done)" if job.done else "")
+
+    def _changed(self, job: Job) -> None:
+        """Save the job's state soon (no I/O here)."""
+        if self.state is not None:
+            self.state.mark(job.job_id)
+
+    def close(self) -> None:
+        """Write what is still unsaved and release the state dir."""
+        if self.state is not None:
+            self.state.close()
 
     def actuator_notice(self, job_id: str, text: str) -> None:
         """A line from the actuator for the job's user (an unmet scale, a pod the cluster
@@ -89,6 +136,7 @@ class ControllerCore:
         if job is not None:
             with job.changed:
                 job.notice(text)
+            self._changed(job)
 
     def job_bounds(self, job_id: str) -> tuple[int, int] | None:
         job = self.registry.job(job_id)
@@ -113,7 +161,10 @@ class ControllerCore:
                             f"{exc}; cannot add job {req.job_id!r}") from None
         with job.changed:
             # Generations stay monotonic across a controller restart: agents bring theirs.
+            raised = req.last_generation > job.generation
             job.generation = max(job.generation, req.last_generation)
+        if created or raised:
+            self._changed(job)
         if created:
             self.metrics.job(job.job_id)
             self.metrics.set_bounds(job.job_id, bounds.min_replicas, bounds.max_replicas)
@@ -167,6 +218,7 @@ class ControllerCore:
                 job.done = True
                 job.notice(f"job finished at step {report.step} (epoch {report.epoch})")
                 log.info("job %s finished at step %d", job.job_id, report.step)
+                self._changed(job)
             self.metrics.observe_report(report, figures)
             return job, job.generation
 
@@ -190,6 +242,7 @@ class ControllerCore:
             job.directive_time_s = self.clock()
             job.last_decision = reason
             job.changed.notify_all()
+        self._changed(job)
         return d
 
     def _awaiting_directive(self, job: Job, now: float) -> bool:
@@ -214,6 +267,9 @@ class ControllerCore:
                 job.last_policy_time_s = now
             if not reports and job.policy.last_report is None:
                 return None
+            if reports:
+                # Saved after this run: the writer's snapshot waits for ``policy_lock``.
+                self._changed(job)
             t0 = time.perf_counter()
             try:
                 for r in reports:
@@ -357,6 +413,7 @@ class ControllerCore:
             job.bounds = bounds
             has_reports = job.policy.last_report is not None or bool(job.pending)
         self.metrics.set_bounds(job_id, min_workers, max_workers)
+        self._changed(job)
         log.info("job %s: bounds now [%d, %d] workers", job_id, min_workers, max_workers)
         if has_reports:
             self.run_policy(job, force=True)

@@ -7,6 +7,13 @@ the ``adaptrun-agent-id`` metadata (from ``Register``); its first bad report end
 only. A directive stream sends the job's current directive at once when its generation is
 >= the agent's ``last_generation``, then every newer one; it holds one server thread while
 open.
+
+Callers. Every call of this service first shows what its token opens (``auth.ServerSecurity
+.principal``, one place: ``_caller``); no valid token ends it with UNAUTHENTICATED, a token
+that does not open the job (or a job token calling SetBounds, the operator's) with
+PERMISSION_DENIED, before anything is read or changed; ListJobs lists only the jobs the token
+opens. Each refusal counts in ``adaptrun_rejected_reports_total{reason="unauthorized"}``
+with job_id ''. Without tokens configured every caller may do everything.
 """
 from __future__ import annotations
 
@@ -16,9 +23,11 @@ import grpc
 
 from adaptrun.generated import control_plane_pb2 as pb
 
+from .auth import PLAINTEXT, Principal, ServerSecurity
 from .core import ControllerCore
 from .registry import Directive, Job
-from .validation import Malformed, Rejection, bounds_to_proto, parse_message
+from .validation import (Malformed, Rejection, bounds_to_proto, check_generation,
+                         check_worker_bounds, parse_message)
 
 __all__ = ["SERVICE_NAME", "AGENT_ID_METADATA", "ControllerService", "generic_handler",
            "directive_to_proto", "job_status"]
@@ -63,9 +72,29 @@ def job_status(job: Job, now_s: float, desired_workers: int | None) -> pb.JobSta
 
 
 class ControllerService:
-    def __init__(self, core: ControllerCore, stopping: threading.Event):
+    def __init__(self, core: ControllerCore, stopping: threading.Event,
+                 security: ServerSecurity = PLAINTEXT):
         self.core = core
         self.stopping = stopping
+        self.security = security
+
+    def _refuse(self, ctx, code: grpc.StatusCode, message: str):
+        r = Rejection(code, "unauthorized", message)
+        self.core.count_rejection("", r)
+        self._abort(ctx, r)
+
+    def _caller(self, ctx) -> Principal:
+        p = self.security.principal(ctx.invocation_metadata())
+        if p is None:
+            self._refuse(ctx, grpc.StatusCode.UNAUTHENTICATED,
+                         "a valid token is required: send metadata 'authorization: Bearer "
+                         "TOKEN' (adaptrun: --token-file FILE or $ADAPTRUN_TOKEN)")
+        return p
+
+    def _may_see(self, ctx, p: Principal, job_id: str) -> None:
+        if not p.may_see(job_id):
+            self._refuse(ctx, grpc.StatusCode.PERMISSION_DENIED,
+                         f"this token does not open job {job_id[:80]!r}")
 
     @staticmethod
     def _abort(ctx, r: Rejection):
@@ -77,7 +106,9 @@ class ControllerService:
         return req
 
     def Register(self, req, ctx):
+        caller = self._caller(ctx)
         req = self._parsed(req, ctx)
+        self._may_see(ctx, caller, req.job_id)
         try:
             job, agent = self.core.register(req)
         except Rejection as r:
@@ -90,9 +121,12 @@ class ControllerService:
                                    job_done=done, rdzv_endpoint=self.core.rdzv_endpoint)
 
     def StreamReports(self, request_iterator, ctx):
+        caller = self._caller(ctx)
         agent_id = dict(ctx.invocation_metadata()).get(AGENT_ID_METADATA, "")
         agent = self.core.registry.agent(agent_id)
-        if agent is None:
+        if agent is not None:
+            self._may_see(ctx, caller, agent.job_id)
+        else:
             r = Rejection(grpc.StatusCode.FAILED_PRECONDITION, "unregistered",
                           f"unknown agent id {agent_id[:40]!r}: call Register first and send "
                           f"its agent_id as metadata {AGENT_ID_METADATA!r}")
@@ -106,7 +140,13 @@ class ControllerService:
             yield pb.ReportAck(step=msg.step, generation=generation)
 
     def WatchDirectives(self, req, ctx):
+        caller = self._caller(ctx)
         req = self._parsed(req, ctx)
+        self._may_see(ctx, caller, req.job_id)
+        try:
+            check_generation(req.last_generation)
+        except Rejection as r:
+            self._abort(ctx, r)
         agent = self.core.registry.agent(req.agent_id)
         job = self.core.registry.job(req.job_id)
         if agent is None or job is None or agent.job_id != req.job_id:
@@ -140,9 +180,12 @@ class ControllerService:
             ctx.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
 
     def ListJobs(self, req, ctx):
+        caller = self._caller(ctx)
         req = self._parsed(req, ctx)
+        if req.job_id:
+            self._may_see(ctx, caller, req.job_id)
         now = self.core.clock()
-        jobs = self.core.registry.jobs()
+        jobs = [j for j in self.core.registry.jobs() if caller.may_see(j.job_id)]
         if req.job_id:
             jobs = [j for j in jobs if j.job_id == req.job_id]
             if not jobs:
@@ -153,8 +196,13 @@ class ControllerService:
                                          for j in jobs])
 
     def SetBounds(self, req, ctx):
+        caller = self._caller(ctx)
+        if not caller.operator:
+            self._refuse(ctx, grpc.StatusCode.PERMISSION_DENIED,
+                         "only the operator's credential may change a job's bounds")
         req = self._parsed(req, ctx)
         try:
+            check_worker_bounds(req.min_workers, req.max_workers)
             job = self.core.set_bounds(req.job_id, req.min_workers, req.max_workers)
         except Rejection as r:
             self._abort(ctx, r)

@@ -11,6 +11,11 @@ unknown field; it is caught here and rejected. Unknown field *numbers* are ignor
 newer agent can add fields. Range checks are ``Report.validate()``'s, plus the ones that
 need the job (same job as the stream). B0 and the batch limits are the script's: a report
 carries them and is never rejected for them (see ``policy.bounds_from_script``).
+
+Sizes the policy plans over have ceilings (``MAX_WORKERS``, ``MAX_ACCUM_STEPS``): its candidate
+grid grows with replicas x accumulation steps, so one job declaring two billion workers would
+take the controller's memory and its one policy thread from every other job. Generations an
+agent brings stay below ``MAX_GENERATION`` so the job's next directive still fits an int64.
 """
 from __future__ import annotations
 
@@ -28,12 +33,18 @@ from adaptrun.science.report import Report, ReportError
 
 __all__ = ["Rejection", "REASONS", "parse_report", "parse_message", "Malformed",
            "report_from_proto", "check_job_id", "bounds_from_proto", "bounds_to_proto",
-           "check_registration"]
+           "check_registration", "check_generation", "check_worker_bounds", "MAX_WORKERS",
+           "MAX_ACCUM_STEPS", "MAX_GENERATION"]
 
+# unauthorized: a call without a valid token, or with one that does not open the job
+# (controller/auth.py); counted with job_id '' (the caller proved no job).
 REASONS = ("malformed", "oversize", "invalid", "unknown_job", "wrong_job", "rate_limited",
-           "unregistered")
+           "unregistered", "unauthorized")
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MAX_WORKERS = 4096            # worker processes of one job (world size, bounds)
+MAX_ACCUM_STEPS = 32          # extra micro-batches per step a job may be planned with
+MAX_GENERATION = 1 << 53      # directive generations an agent may bring
 _WIRE_NAMES = {0: "varint", 1: "64-bit", 2: "length-delimited", 3: "group", 4: "group end",
                5: "32-bit"}
 
@@ -123,6 +134,10 @@ def report_from_proto(msg: pb.Report, *, job_id: str) -> Report:
     except ReportError as exc:
         raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
                         f"report rejected: {exc}") from None
+    if report.world_size > MAX_WORKERS:
+        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+                        f"report rejected: world_size {report.world_size} exceeds the "
+                        f"controller's {MAX_WORKERS} workers per job")
     for name in ("loss", "lr", "target_progress"):
         v = getattr(report, name)
         if math.isinf(v) or (name != "loss" and v < 0):
@@ -141,6 +156,11 @@ def bounds_from_proto(b: pb.JobBounds, slots_per_node: int) -> tuple[JobBounds, 
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
                             f"job bounds rejected: {name} must be >= 0 (0: no cap), got "
                             f"{getattr(b, name)}")
+    check_worker_bounds(b.min_workers, b.max_workers, "job bounds rejected")
+    if b.HasField("max_accum_steps") and not 0 <= b.max_accum_steps <= MAX_ACCUM_STEPS:
+        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+                        f"job bounds rejected: max_accum_steps must be in [0, "
+                        f"{MAX_ACCUM_STEPS}] (or unset), got {b.max_accum_steps}")
     caps = BatchCaps(init_batch=b.init_batch or None, max_batch=b.max_global_batch or None,
                      local_batch_min=b.local_batch_min or None,
                      local_batch_max=b.local_batch_max or None,
@@ -178,7 +198,22 @@ def check_registration(req: pb.RegisterRequest) -> tuple[JobBounds, BatchCaps]:
     if not 1 <= req.slots <= 1024:
         raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
                         f"slots must be in [1, 1024], got {req.slots}")
-    if req.last_generation < 0:
-        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
-                        f"last_generation must be >= 0, got {req.last_generation}")
+    check_generation(req.last_generation)
     return bounds_from_proto(req.bounds, req.slots)
+
+
+def check_generation(last_generation: int) -> int:
+    """An agent's newest applied generation: in [0, MAX_GENERATION]."""
+    if not 0 <= last_generation <= MAX_GENERATION:
+        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+                        f"last_generation must be in [0, {MAX_GENERATION}], got "
+                        f"{last_generation}")
+    return last_generation
+
+
+def check_worker_bounds(min_workers: int, max_workers: int, what: str = "bounds rejected"):
+    """Worker bounds within the controller's ceiling (their order is ``JobBounds``'s check)."""
+    if max_workers > MAX_WORKERS or min_workers > MAX_WORKERS:
+        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+                        f"{what}: workers [{min_workers}, {max_workers}] exceed the "
+                        f"controller's {MAX_WORKERS} workers per job")

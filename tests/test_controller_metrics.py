@@ -80,8 +80,11 @@ def test_policy_wanted_workers_says_when_the_max_holds_a_job_back():
                           local_batch_min=8, local_batch_max=128)
     with running_controller(policy_interval_s=0.2) as ctl, channel_to(ctl) as (_, stub):
         agent = register(stub, "held", bounds=bounds).agent_id
+        # The script fixes its local batch (32, no accumulation): the only way to more
+        # goodput is more workers, so the widened policy does not try a batch first.
         common = dict(local_batch=32, accum_steps=0, step_time_s=1.0, sync_time_s=0.01,
-                      grad_sqr=1.0, grad_var=100.0, target_progress=1e6)
+                      grad_sqr=1.0, grad_var=100.0, target_progress=1e6, max_batch=1024,
+                      local_batch_min=32, local_batch_max=32, accumulation=False)
         reports = [report("held", step=i, world_size=1 + (i > 4), nodes=1 + (i > 4), **common)
                    for i in range(1, 9)]
         send_reports(stub, agent, reports)

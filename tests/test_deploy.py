@@ -35,6 +35,7 @@ DEPLOY = ROOT / "deploy"
 OVERLAYS = ("example-job", "example-pytorchjob")
 SYNC_COMMAND = "python deploy/sync.py"
 CONTROLLER_PORTS = {"grpc": 50051, "rdzv": 29400, "metrics": 9464}
+HEALTH_PORT = 8081             # plaintext grpc.health.v1 only: the kubelet's probes have no TLS
 RUN_AS_USER = 10001            # deploy/Dockerfile: USER 10001:10001
 CRD_GROUPS = ("monitoring.coreos.com", "kubeflow.org")
 
@@ -121,10 +122,10 @@ def agent_containers(objs) -> list[tuple[str, dict, dict]]:
 EXPECTED_KINDS = {
     "example-job": {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Deployment",
                     "Service", "StatefulSet", "PodDisruptionBudget", "ServiceMonitor",
-                    "PrometheusRule", "ConfigMap"},
+                    "PrometheusRule", "ConfigMap", "NetworkPolicy"},
     "example-pytorchjob": {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Deployment",
                            "Service", "PyTorchJob", "PodDisruptionBudget", "ServiceMonitor",
-                           "PrometheusRule", "ConfigMap"},
+                           "PrometheusRule", "ConfigMap", "NetworkPolicy"},
 }
 
 
@@ -449,10 +450,12 @@ def test_controller_probes_and_ports(overlay):
     objs = objects(overlay)
     c = controller_container(objs)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == CONTROLLER_PORTS
+    assert ports == {**CONTROLLER_PORTS, "health": HEALTH_PORT}
+    assert _flag_values(c["args"], "--health-port") == [str(HEALTH_PORT)]
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert c.get(probe, {}).get("grpc", {}).get("port") == CONTROLLER_PORTS["grpc"], (
-            f"the controller's {probe} must be a gRPC health check on port 50051")
+        assert c.get(probe, {}).get("grpc", {}).get("port") == HEALTH_PORT, (
+            f"the controller's {probe} must be a gRPC health check on the plaintext health "
+            f"port {HEALTH_PORT} (the kubelet's gRPC probe cannot do TLS)")
     svc = one(objs, "Service", "adaptrun-controller")
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == CONTROLLER_PORTS
     dep = one(objs, "Deployment", "adaptrun-controller")
@@ -478,6 +481,81 @@ def test_agents_write_only_to_volumes(overlay):
         env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
                for e in c.get("env", [])}
         assert env.get("POD_NAME") == "metadata.name" and env.get("POD_IP") == "status.podIP"
+
+
+def _secret_paths(spec: dict, c: dict) -> dict:
+    """mountPath -> Secret name of the container's read-only Secret volumes."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    out = {}
+    for m in c.get("volumeMounts", []):
+        v = volumes.get(m["name"], {})
+        if "secret" in v:
+            assert m.get("readOnly") is True, f"Secret volume {m['name']} is not read-only"
+            assert v["secret"].get("defaultMode", 0o644) & 0o007 == 0, (
+                f"Secret volume {m['name']} is readable by others")
+            out[m["mountPath"]] = v["secret"]["secretName"]
+    return out
+
+
+def _from_secret(flag_path: str, secret_paths: dict) -> bool:
+    return any(flag_path.startswith(mount.rstrip("/") + "/") for mount in secret_paths)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tls_and_tokens_come_from_secret_volumes(overlay):
+    """The controller serves mutual TLS with a tokens file, and every agent talks TLS with a
+    client certificate and a token file: each path lies in a read-only Secret volume."""
+    objs = objects(overlay)
+    dep = one(objs, "Deployment", "adaptrun-controller")
+    c = controller_container(objs)
+    secrets = _secret_paths(dep["spec"]["template"]["spec"], c)
+    for flag in ("--tls-cert", "--tls-key", "--tls-ca", "--tokens-file"):
+        (value,) = _flag_values(c["args"], flag)
+        assert _from_secret(value, secrets), f"controller {flag} {value} is not in a Secret"
+    assert "--insecure" not in c["args"]
+    agents = agent_containers(objs)
+    assert agents
+    for where, spec, a in agents:
+        secrets = _secret_paths(spec, a)
+        args = a["args"][:a["args"].index("--")]
+        for flag in ("--tls-ca", "--tls-cert", "--tls-key", "--token-file"):
+            (value,) = _flag_values(args, flag)
+            assert _from_secret(value, secrets), f"{where}: {flag} {value} is not in a Secret"
+        assert "--insecure" not in args
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_guards_grpc_and_the_store(overlay):
+    """Only the job's worker pods reach gRPC and the rendezvous store (no TLS there);
+    /metrics only from the monitoring namespace."""
+    objs = objects(overlay)
+    (np,) = find(objs, "NetworkPolicy")
+    pod_labels = one(objs, "Deployment", "adaptrun-controller")["spec"]["template"][
+        "metadata"]["labels"]
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    worker_labels = [spec_labels for spec_labels in (
+        o["spec"]["template"]["metadata"]["labels"] for o in find(objs, "StatefulSet"))]
+    for pj in find(objs, "PyTorchJob"):
+        worker_labels.append(pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"][
+            "metadata"]["labels"])
+    assert worker_labels
+    opened = {}
+    for rule in np["spec"]["ingress"]:
+        assert rule.get("from"), "an ingress rule without `from` opens a port to everyone"
+        for port in rule["ports"]:
+            opened.setdefault(port["port"], []).extend(rule["from"])
+    assert set(opened) == {"grpc", "rdzv", "metrics"}
+    for name in ("grpc", "rdzv"):
+        for peer in opened[name]:
+            assert set(peer) == {"podSelector"}, f"{name} is open beyond this namespace's pods"
+            sel = peer["podSelector"]["matchLabels"]
+            assert all(sel.items() <= w.items() for w in worker_labels)
+            assert sel.get("app.kubernetes.io/component") == "worker"
+    for peer in opened["metrics"]:
+        assert set(peer) == {"namespaceSelector"}
+        assert peer["namespaceSelector"]["matchLabels"] == {
+            "kubernetes.io/metadata.name": "monitoring"}
 
 
 # --- (4) RBAC -----------------------------------------------------------------------------

@@ -45,6 +45,10 @@ def test_resize_taken_only_when_it_pays_for_itself():
     long_run = Policy(BOUNDS, resize_cost_s=30.0)
     long_run.observe(report(cur, grad_sqr=1.0, grad_var=1000.0, target=1e7))
     d = long_run.decide()
+    # Free before paid: the much better batch at 4 replicas is tried (and measured) first.
+    assert d.changes_batch and not d.changes_replicas, d.reason
+    long_run.observe(report(d.config, grad_sqr=1.0, grad_var=1000.0, target=1e7))
+    d = long_run.decide()
     assert d.changes_replicas and d.config.replicas > 4 and "resize" in d.reason
     short_run = Policy(BOUNDS, resize_cost_s=30.0)
     short_run.observe(report(cur, grad_sqr=1.0, grad_var=1000.0, progress=999.0, target=1000.0))
@@ -52,8 +56,11 @@ def test_resize_taken_only_when_it_pays_for_itself():
     assert not d.changes_replicas
 
 
-def test_exploration_is_capped_at_twice_the_largest_measured_count():
+def test_exploration_can_be_capped_at_twice_the_largest_measured_count():
     p = Policy(BOUNDS)
+    p.observe(report(Config(2, 64, 0), grad_sqr=1.0, grad_var=1e4, target=1e9))
+    assert p.candidates()[0].max() == 16       # by default every count within the bounds
+    p = Policy(BOUNDS, explore_factor=2.0)     # Pollux's rule, as an option
     p.observe(report(Config(2, 64, 0), grad_sqr=1.0, grad_var=1e4, target=1e9))
     r, _, _ = p.candidates()
     assert r.max() == 4
@@ -157,6 +164,29 @@ def test_a_reversed_resize_bars_the_count_it_left():
     assert d.config.replicas != 8
     p._moves.runs = 12 + 3
     assert not p._moves.barred(8)               # the bar lasts holdoff_runs * 2^(flaps-1)
+
+
+def test_a_new_job_starts_on_one_node_at_b0():
+    assert Policy(BOUNDS).initial_config() == Config(4, 32, 0)
+    small = JobBounds(init_batch=128, max_batch=8192, max_replicas=2, local_batch_min=16,
+                      slots_per_node=4)
+    assert Policy(small).initial_config() == Config(2, 64, 0)
+    # B0 below one node's smallest local batches: the smallest local batch on each replica.
+    tiny = JobBounds(init_batch=16, max_batch=64, max_replicas=8, local_batch_min=8,
+                     slots_per_node=8)
+    c = Policy(tiny).initial_config()
+    assert tiny.admits(c) and c.replicas * 8 <= 64, c
+
+
+def test_an_untried_better_batch_comes_before_a_resize():
+    p = Policy(BOUNDS, resize_cost_s=1.0)
+    cur = Config(4, 32, 0)
+    p.observe(report(cur, grad_sqr=1.0, grad_var=1000.0, target=1e7))
+    d = p.decide()
+    assert d.changes_batch and not d.changes_replicas, d.reason
+    # Measured there, the same better batch no longer holds a resize back.
+    p.observe(report(d.config, grad_sqr=1.0, grad_var=1000.0, target=1e7))
+    assert p.decide().changes_replicas
 
 
 def dataclasses_replace(r, **kw):

@@ -54,32 +54,43 @@ def test_fixed_init_follows_pollux():
     assert fixed_init(w, 16) == (16, 512.0)      # 128/16 < 32, so 16 x 32
 
 
+# The goal (issue 12): within 1.05x of the oracle (the per-epoch optimum in hindsight, resizes
+# paid) and at most 3 % slower than the best fixed configuration. Not met yet where listed: the
+# job starts on one node (the only trace-blind start within 1.05x of the oracle everywhere:
+# from 16 GPUs ncf cannot come under 1.73x), and cifar10 must then grow to 16 GPUs; the
+# resize plus the time the batch takes to catch up with the noise scale cost ~10 %.
+KNOWN_GAPS = {("cifar10", 16): 1.12}
+
+
 @pytest.mark.parametrize("name", ["cifar10", "imagenet", "ncf"])
 @pytest.mark.parametrize("gpus", [4, 16])
-def test_adaptive_against_best_fixed_and_fixed_init(name, gpus):
+def test_adaptive_against_the_oracle_best_fixed_and_fixed_init(name, gpus):
+    from adaptrun.simulation.oracle import oracle_plan
+
     w = load_workload(bundled_trace_dir(name))
     epochs = DEFAULT_EPOCHS[name]
     ad = simulate_adaptive(w, gpus, epochs, resize_cost_s=30.0)
-    best_t, best_r, _ = best_fixed(w, gpus, epochs)
+    best_t, best_r, best_b = best_fixed(w, gpus, epochs)
+    oracle = oracle_plan(w, gpus, epochs, resize_cost_s=30.0)
     r0, b0 = fixed_init(w, gpus)
     init_t = fixed_time(w, r0, b0, epochs)
-    # The adaptive job starts at fixed-init's replica count. When the best fixed count is
-    # another one and the whole best run is shorter than a resize (ncf at 16 GPUs: 28 s vs
-    # 30 s), no policy starting there can reach it; the bound it can reach is the best of
-    # staying at its count or resizing at once.
-    at_start = min(fixed_time(w, r0, b, epochs)
-                   for b in np.geomspace(w.init_batch, w.max_batch, 200))
-    reachable = best_t if best_r == r0 else max(best_t, min(at_start, best_t + 30.0))
-    assert ad.time_s <= 1.03 * reachable, (
-        f"{name} G={gpus}: adaptive {ad.time_s:.0f} s, best fixed {best_t:.0f} s "
-        f"({best_r} replicas), reachable {reachable:.0f} s")
-    if init_t > 2 * best_t:
-        assert init_t >= 2 * ad.time_s, f"fixed-init {init_t:.0f} s vs adaptive {ad.time_s:.0f} s"
+    vs_oracle, vs_fixed = ad.time_s / oracle.time_s, ad.time_s / best_t
+    what = (f"{name} G={gpus}: adaptive {ad.time_s:.0f} s ({ad.resizes} resizes), oracle "
+            f"{oracle.time_s:.0f} s (adaptive/oracle {vs_oracle:.3f}), best fixed {best_t:.0f} s "
+            f"at {best_r} x {best_b:.0f} (adaptive/best fixed {vs_fixed:.3f})")
     # The timeline covers the whole run without gaps.
     assert ad.timeline[0].start_s == 0 and ad.timeline[-1].end_s == pytest.approx(ad.time_s)
     for a, b in zip(ad.timeline, ad.timeline[1:]):
         assert b.start_s == pytest.approx(a.end_s)
     assert sum(s.replicas == 0 for s in ad.timeline) == ad.resizes
+    if init_t > 2 * best_t:
+        assert init_t >= 2 * ad.time_s, f"fixed-init {init_t:.0f} s vs adaptive {ad.time_s:.0f} s"
+    assert vs_fixed <= 1.03, what
+    if (name, gpus) in KNOWN_GAPS:
+        assert vs_oracle <= KNOWN_GAPS[name, gpus], what       # no worse than today
+        if vs_oracle > 1.05:
+            pytest.xfail(what)
+    assert vs_oracle <= 1.05, what
 
 
 def test_a_resize_costs_its_time():

@@ -8,7 +8,8 @@ linearly in time and the time to the target is exact (no rounding to whole steps
 
 - ``fixed``: one configuration (replicas, global batch) for the whole run.
 - ``fixed-init``: B0 on all G GPUs (G x the smallest local batch when B0/G is below it).
-- ``adaptive``: starts where fixed-init starts; every ``report_every_steps`` optimizer steps
+- ``adaptive``: starts where the policy chooses (``Policy.initial_config``: one node at B0,
+  nothing measured yet); every ``report_every_steps`` optimizer steps
   the job sends a ``Report`` (what it measured at its configuration, its gradient
   statistics at its batch) to the same ``policy.Policy`` the controller runs, and applies the
   ``Decision``. A change of replica count costs ``resize_cost_s`` of wall time with no
@@ -16,6 +17,7 @@ linearly in time and the time to the target is exact (no rounding to whole steps
 - ``best fixed``: every replica count 1..G and a geometric grid of global batches in
   [B0, Bmax] (plus the validated batches), each timed in closed form; the fastest wins. It
   knows the whole run in hindsight.
+- ``oracle`` (``oracle.py``): the per-epoch optimum in hindsight, resizes paid; the bound.
 """
 from __future__ import annotations
 
@@ -158,19 +160,24 @@ def simulate_fixed(w: Workload, replicas: int, global_batch: float, epochs: int,
 
 def simulate_adaptive(w: Workload, gpus: int, epochs: int, gpus_per_node: int = 4,
                       resize_cost_s: float = 30.0, report_every_steps: int = 20,
-                      first_report_steps: int = 10, policy: Policy | None = None) -> SimResult:
-    """Run the live policy against the trace; see the module docstring."""
+                      first_report_steps: int = 10, policy: Policy | None = None,
+                      start: Config | None = None) -> SimResult:
+    """Run the live policy against the trace from ``start`` (default: where the policy
+    chooses to start); see the module docstring."""
     target = w.target_progress(epochs)
     bounds = JobBounds(init_batch=w.init_batch, max_batch=w.max_batch, min_replicas=1,
                        max_replicas=gpus, local_batch_min=w.local_batch_min,
                        local_batch_max=w.local_batch_max, slots_per_node=gpus_per_node)
     policy = policy or Policy(bounds, resize_cost_s=resize_cost_s)
-    r0, b0 = fixed_init(w, gpus)
-    cfg = Config(r0, int(math.ceil(b0 / r0)), 0)
+    if start is None:
+        cfg = policy.initial_config()
+        reason = f"start: {cfg.describe()} (the policy's choice)"
+    else:
+        cfg = start
+        reason = f"start: {cfg.describe()}"
     clock = _Clock(w, target)
     resizes, steps = 0, 0.0
     timeline: list[Segment] = []
-    reason = "start at fixed-init"
     steps_to_report = first_report_steps
     while clock.progress < target:
         start_t = clock.t
@@ -264,10 +271,17 @@ def run_simulation(trace_dir: str, gpus: int, gpus_per_node: int = 4,
         result = simulate_fixed(w, r, b, epochs, gpus_per_node)
     elif policy == "adaptive":
         result = simulate_adaptive(w, gpus, epochs, gpus_per_node, resize_cost_s)
+    elif policy == "oracle":
+        from .oracle import simulate_oracle
+        result = simulate_oracle(w, gpus, epochs, gpus_per_node, resize_cost_s)
     else:
-        raise TraceError(f"unknown --policy {policy!r}; pass adaptive, fixed-init or fixed")
+        raise TraceError(f"unknown --policy {policy!r}; pass adaptive, oracle, fixed-init or "
+                         f"fixed")
+    from .oracle import oracle_plan
+
     r, b = fixed_init(w, gpus)
     best_t, best_r, best_b = best_fixed(w, gpus, epochs, gpus_per_node)
+    oracle_s = oracle_plan(w, gpus, epochs, gpus_per_node, resize_cost_s).time_s
     return {
         "workload": w.name,
         "policy": policy,
@@ -278,5 +292,6 @@ def run_simulation(trace_dir: str, gpus: int, gpus_per_node: int = 4,
         "fixed_init_s": fixed_time(w, r, b, epochs, gpus_per_node),
         "best_fixed_s": best_t,
         "best_fixed": {"replicas": best_r, "batch": best_b},
+        "oracle_s": oracle_s,
         "timeline": result.timeline_dicts(),
     }

@@ -17,7 +17,8 @@ import re
 import tempfile
 from pathlib import Path
 
-__all__ = ["local_dir", "persistent_dir", "write", "newest", "read", "clear"]
+__all__ = ["local_dir", "persistent_dir", "write", "newest", "list_all", "read", "clear",
+           "set_aside"]
 
 _NAME = re.compile(r"^snapshot-(\d{12})\.pt$")
 
@@ -68,6 +69,19 @@ def newest(directory: Path | None) -> tuple[int, Path] | None:
         return None
     found = _list(directory)
     return found[-1] if found else None
+
+
+def list_all(directory: Path | None) -> list[tuple[int, Path]]:
+    """Every (step, path) snapshot in ``directory``, oldest first."""
+    return [] if directory is None else _list(directory)
+
+
+def set_aside(path: Path) -> None:
+    """Rename an unreadable snapshot to ``<name>.corrupt``: kept for a look, never restored."""
+    try:
+        os.replace(path, Path(path).with_name(Path(path).name + ".corrupt"))
+    except OSError:
+        pass
 
 
 def read(path: Path) -> bytes:

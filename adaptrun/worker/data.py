@@ -20,6 +20,7 @@ with ``collate_fn`` (torch's default collate when None).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch.utils.data import default_collate
@@ -31,6 +32,23 @@ from .sampler import SamplerState, StepPlan, permutation, plan_step, rank_slice
 __all__ = ["AdaptiveDataLoader"]
 
 
+_MAX_BATCH = 1 << 53   # a batch size beyond this cannot be reported (nor trained)
+
+
+def _whole(name: str, value) -> int:
+    """``value`` as a batch size: an integer (a float only when whole) up to ``_MAX_BATCH``."""
+    try:
+        whole = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        whole = int(value) if isinstance(value, float) and value.is_integer() else None
+    if whole is None:
+        raise BatchConfigError(f"{name}={value!r} must be a whole number of examples")
+    if whole > _MAX_BATCH:
+        raise BatchConfigError(f"{name}={value!r} exceeds {_MAX_BATCH} examples; use a "
+                               "batch size a step can hold")
+    return whole
+
+
 class AdaptiveDataLoader:
     def __init__(self, dataset, batch_size: int, shuffle: bool = True, *, seed: int = 0,
                  drop_last: bool = False, collate_fn=None):
@@ -39,13 +57,25 @@ class AdaptiveDataLoader:
         self._world = world
         self.dataset = dataset
         self.collate_fn = collate_fn or default_collate
-        n = len(dataset)
+        try:
+            n = len(dataset)
+        except TypeError:
+            raise BatchConfigError(
+                f"AdaptiveDataLoader needs a map-style dataset (len() and dataset[i]); got a "
+                f"{type(dataset).__name__} without len(): wrap an iterable in a list or a "
+                "torch.utils.data.Dataset") from None
+        batch_size = _whole("batch_size", batch_size)
         if batch_size < world.world_size:
             raise BatchConfigError(
                 f"batch_size={batch_size} is below the world size {world.world_size}: every "
                 f"rank needs at least one example per step; use batch_size >= {world.world_size}")
         if n < 1:
             raise BatchConfigError("the dataset is empty; give AdaptiveDataLoader some data")
+        if drop_last and n < batch_size:
+            raise BatchConfigError(
+                f"the dataset has {n} examples, fewer than batch_size={batch_size}, and "
+                "drop_last=True drops them all: every epoch would be empty; use drop_last=False "
+                "or a smaller batch_size")
         self.state = SamplerState(seed=seed, shuffle=shuffle, drop_last=drop_last,
                                   global_batch=int(batch_size), init_batch=int(batch_size))
         self.max_batch_size = int(batch_size)
@@ -64,12 +94,18 @@ class AdaptiveDataLoader:
         """Allow the global batch to grow up to ``max_batch_size`` (set by directives)."""
         w = self._world.world_size
         n = len(self.dataset)
+        max_batch_size = _whole("max_batch_size", max_batch_size)
         if max_batch_size < self.state.init_batch:
             raise BatchConfigError(
                 f"max_batch_size={max_batch_size} is below batch_size={self.state.init_batch}; "
                 "give a max_batch_size >= batch_size")
         if local_batch_bounds is not None:
-            lo, hi = (int(x) for x in local_batch_bounds)
+            try:
+                lo, hi = (_whole("local_batch_bounds", x) for x in local_batch_bounds)
+            except (TypeError, ValueError):
+                raise BatchConfigError(
+                    f"local_batch_bounds={local_batch_bounds!r} must be a pair of integers "
+                    "(low, high)") from None
             if not 1 <= lo <= hi:
                 raise BatchConfigError(
                     f"local_batch_bounds={local_batch_bounds} must satisfy 1 <= low <= high")

@@ -10,6 +10,7 @@ __all__ = [
     "NotInitializedError",
     "BatchConfigError",
     "SnapshotMismatchError",
+    "SnapshotCorruptError",
     "StateRegistryError",
     "MissingStateError",
 ]
@@ -29,6 +30,11 @@ class BatchConfigError(AdaptrunError, ValueError):
 
 class SnapshotMismatchError(AdaptrunError):
     """A snapshot found on restore belongs to another model (names or shapes differ)."""
+
+
+class SnapshotCorruptError(AdaptrunError):
+    """A snapshot file cannot be read (truncated, overwritten, not a snapshot at all) and no
+    older readable one is left to restore instead."""
 
 
 class StateRegistryError(AdaptrunError, ValueError):

@@ -10,7 +10,8 @@ Semantics
   the saving rank).
 - ``encode``/``decode`` turn the registry into snapshot bytes and back; a snapshot carries the
   model's fingerprint (parameter names and shapes) and restoring one taken from another model
-  raises ``SnapshotMismatchError``.
+  raises ``SnapshotMismatchError``. Bytes that do not load (a truncated or overwritten file)
+  raise ``SnapshotCorruptError`` from ``decode``.
 - ``exchange_newest`` is the restore after a re-form, and the only collective here: every
   rank offers the step of the newest state it holds, in memory (a rank that re-formed in
   process) or in a snapshot it can read (node-local or persistent); the newest wins, memory
@@ -18,12 +19,16 @@ Semantics
   flat buffer per dtype, no serialisation) to the ranks that need it, over a group of just
   them: a scale-down moves nothing. From disk it sends the snapshot's bytes to all. It does
   not care how the group was formed (a restart of every process, or survivors re-forming in
-  process with fresh joiners).
+  process with fresh joiners). A snapshot file that does not load is renamed
+  ``*.pt.corrupt`` (kept for a look, out of the way) and the exchange runs again without it,
+  so the newest *readable* state wins; when unreadable files were all there was, every rank
+  raises ``SnapshotCorruptError`` instead of starting the job afresh.
 """
 from __future__ import annotations
 
 import io
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .errors import SnapshotMismatchError, StateRegistryError
+from .errors import SnapshotCorruptError, SnapshotMismatchError, StateRegistryError
 
 __all__ = ["StateRegistry", "RNGState", "fingerprint", "encode", "decode", "exchange_newest",
            "SNAPSHOT_FORMAT"]
@@ -137,10 +142,25 @@ def encode(registry: StateRegistry, step: int, epoch: int) -> bytes:
 
 
 def decode(data: bytes, origin: str = "snapshot") -> dict:
-    snap = torch.load(io.BytesIO(data), weights_only=False)
-    if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT:
+    """The snapshot dict of ``data``; SnapshotCorruptError when the bytes do not load,
+    SnapshotMismatchError when they load but are not a snapshot of this format."""
+    try:
+        snap = torch.load(io.BytesIO(data), weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - whatever torch/pickle raise on bad bytes
+        raise SnapshotCorruptError(
+            f"{origin} cannot be read ({type(exc).__name__}: {str(exc)[:120]}): it is "
+            f"truncated or overwritten; delete it (an older snapshot is used if one is "
+            "left) or point ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR to a fresh "
+            "directory") from None
+    if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT or not (
+            isinstance(snap.get("step"), int) and isinstance(snap.get("epoch"), int)
+            and isinstance(snap.get("fingerprint"), list)
+            and isinstance(snap.get("states"), dict)):
+        fmt = snap.get("format") if isinstance(snap, dict) else None
+        what = (f"a snapshot of format {fmt!r} (another adaptrun version?)"
+                if fmt not in (None, SNAPSHOT_FORMAT) else "not an adaptrun snapshot")
         raise SnapshotMismatchError(
-            f"{origin} is not an adaptrun snapshot of format {SNAPSHOT_FORMAT}; delete it or "
+            f"{origin} is {what}; this adaptrun reads format {SNAPSHOT_FORMAT}: delete it or "
             "point ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR to a fresh directory")
     return snap
 
@@ -211,25 +231,42 @@ def exchange_newest(rank: int, world_size: int, dirs: list[Path | None],
     ``memory``: (step, callable returning the snapshot dict) of a rank that holds the job's
     state in memory. Returns (snapshot, origin) to a rank that needed the state; None to a
     rank that holds it already, or when no rank holds any state."""
-    best: tuple[int, Path] | None = None
-    for d in dirs:
-        found = checkpoint.newest(d)
-        if found is not None and (best is None or found[0] > best[0]):
-            best = found
+    on_disk = sorted((found for d in dirs if d is not None for found in checkpoint.list_all(d)),
+                     reverse=True)                  # newest first
+    skipped: list[str] = []                          # unreadable files passed over
+    while True:
+        found = _exchange(rank, world_size, on_disk, memory, skipped)
+        if found is not _AGAIN:
+            return found
+
+
+_AGAIN = object()
+
+
+def _exchange(rank: int, world_size: int, on_disk: list, memory, skipped: list):
+    """One round of ``exchange_newest``; ``_AGAIN`` when the chosen file did not load (its
+    holder dropped it from ``on_disk``: every rank runs another round)."""
+    best = on_disk[0] if on_disk else None
     mem_step = int(memory[0]) if memory is not None else -1
     disk_step = best[0] if best else -1
     if mem_step >= disk_step and memory is not None:
-        offer = torch.tensor([mem_step, 1, rank], dtype=torch.int64)
+        offer = torch.tensor([mem_step, 1, rank, len(skipped)], dtype=torch.int64)
     else:
-        offer = torch.tensor([disk_step, 0, rank], dtype=torch.int64)
+        offer = torch.tensor([disk_step, 0, rank, len(skipped)], dtype=torch.int64)
     if world_size > 1:
-        offers = [torch.zeros(3, dtype=torch.int64) for _ in range(world_size)]
+        offers = [torch.zeros(4, dtype=torch.int64) for _ in range(world_size)]
         dist.all_gather(offers, offer)
     else:
         offers = [offer]
     step, in_memory, neg_holder = max((int(o[0]), int(o[1]), -int(o[2])) for o in offers)
     holder = -neg_holder
     if step < 0:
+        if sum(int(o[3]) for o in offers):
+            raise SnapshotCorruptError(
+                f"every snapshot the job has is unreadable ({', '.join(skipped) or 'on another node'}"
+                f"); it will not train the job again from step 0: restore a good snapshot into "
+                "ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR, or point them to a fresh "
+                "directory to start a new job")
         return None
     if in_memory:
         needers = [int(o[2]) for o in offers if not (int(o[0]) == step and int(o[1]))]
@@ -243,17 +280,30 @@ def exchange_newest(rank: int, world_size: int, dirs: list[Path | None],
                 _send_from_memory(memory[1](), holder, rank, group)
             return None               # this rank holds the newest state already
         return _send_from_memory(None, holder, rank, group), origin
+    snap = None
     if rank == holder:
         data = checkpoint.read(best[1])
-        size = torch.tensor([len(data)], dtype=torch.int64)
         origin = str(best[1])
+        try:
+            snap = decode(data, origin)
+            size = torch.tensor([len(data)], dtype=torch.int64)
+        except SnapshotCorruptError as exc:
+            print(f"adaptrun: {exc}; renamed it to {best[1].name}.corrupt and restoring the "
+                  f"next older snapshot", file=sys.stderr, flush=True)
+            on_disk.pop(0)
+            skipped.append(str(best[1]))
+            checkpoint.set_aside(best[1])
+            size = torch.tensor([-1], dtype=torch.int64)
     else:
         size = torch.zeros(1, dtype=torch.int64)
         data, origin = b"", f"the snapshot of step {step} sent by rank {holder}"
     if world_size > 1:
         dist.broadcast(size, src=holder)
+    if int(size.item()) < 0:
+        return _AGAIN
+    if world_size > 1:
         payload = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank == holder
                    else torch.empty(int(size.item()), dtype=torch.uint8))
         dist.broadcast(payload, src=holder)
         data = payload.numpy().tobytes()
-    return decode(data, origin), origin
+    return (snap if snap is not None else decode(data, origin)), origin
