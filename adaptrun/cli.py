@@ -235,17 +235,66 @@ def _k8s_options(command):
     return command
 
 
+def _ray_options(command):
+    """The options of the ray actuator (`controller --actuator ray`)."""
+    for option in reversed([
+            click.option("--ray-address", default=None,
+                         help="The Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a "
+                              "local Ray instance of the controller's own)."),
+            click.option("--ray-agent-command", default=None,
+                         help="The argv of one node's agent, as a shell line; {job} and {node} "
+                              "are filled in, e.g. 'adaptrun agent --controller HEAD:50051 "
+                              "--job {job} --node {node} --nnodes 1:4 -- python train.py'."),
+            click.option("--ray-start", "ray_start", multiple=True, metavar="JOB=WORKERS",
+                         help="Place JOB's first agents at start (the controller knows a job "
+                              "only once an agent registers). Repeat per job."),
+            click.option("--ray-nproc-per-node", type=click.IntRange(min=1), default=1,
+                         show_default=True, help="Workers per agent (per actor)."),
+            click.option("--ray-cpus-per-node", type=click.FloatRange(min=0.0), default=None,
+                         help="CPUs each actor holds (default: --ray-nproc-per-node)."),
+            click.option("--ray-gpus-per-node", type=click.FloatRange(min=0.0), default=0.0,
+                         show_default=True, help="GPUs each actor holds.")]):
+        command = option(command)
+    return command
+
+
+_K8S_FLAGS = ("k8s_targets", "k8s_namespace", "kubeconfig", "k8s_pending_timeout_s",
+              "k8s_nproc_per_node", "k8s_scale_down_delay_s")
+
+
+def _ray_start(values) -> dict[str, int]:
+    starts = {}
+    for value in values:
+        job, sep, n = value.partition("=")
+        if not sep or not job or not n.isdigit() or int(n) < 1:
+            raise UsageProblem(f"--ray-start must be JOB=WORKERS (WORKERS >= 1), got {value!r}")
+        starts[job] = int(n)
+    return starts
+
+
 def _actuator_options(actuator: str, k8s: dict) -> dict:
-    """The keyword options of the chosen actuator's factory; k8s flags need kubernetes."""
+    """The keyword options of the chosen actuator's factory: k8s flags need kubernetes, ray
+    flags need ray."""
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
     flags = {p.name: p.opts[0] for p in ctx.command.params}
     given = [name for name in k8s if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+    for name in given:
+        owner = "kubernetes" if name in _K8S_FLAGS else "ray"
+        if actuator != owner:
+            raise UsageProblem(f"{flags[name]} is an option of the {owner} actuator: "
+                               f"add --actuator {owner}")
+    if actuator == "ray":
+        if not k8s["ray_agent_command"]:
+            raise UsageProblem("--actuator ray needs --ray-agent-command: the agent each actor "
+                               "runs, e.g. 'adaptrun agent --controller HEAD:50051 --job {job} "
+                               "--node {node} -- python train.py'")
+        return dict(agent_command=k8s["ray_agent_command"], address=k8s["ray_address"],
+                    nproc_per_node=k8s["ray_nproc_per_node"],
+                    num_cpus_per_node=k8s["ray_cpus_per_node"],
+                    num_gpus_per_node=k8s["ray_gpus_per_node"])
     if actuator != "kubernetes":
-        if given:
-            raise UsageProblem(f"{flags[given[0]]} is an option of the kubernetes actuator: "
-                               f"add --actuator kubernetes")
         return {}
     return dict(targets=list(k8s["k8s_targets"]), namespace=k8s["k8s_namespace"],
                 kubeconfig=k8s["kubeconfig"], pending_timeout_s=k8s["k8s_pending_timeout_s"],
@@ -266,7 +315,8 @@ def _actuator_options(actuator: str, k8s: dict) -> dict:
               "(default: the host they reach the controller at, e.g. its Service name).")
 @click.option("--actuator", default="local", show_default=True,
               help="What adds or removes workers: local (agent processes here), kubernetes "
-                   "(a StatefulSet or PyTorchJob per job: see --k8s-target).")
+                   "(a StatefulSet or PyTorchJob per job: see --k8s-target), ray (agents as "
+                   "Ray actors: see --ray-agent-command).")
 @click.option("--policy-interval-s", default=5.0, show_default=True, type=click.FloatRange(min=0.0),
               help="How often each job's policy runs.")
 @click.option("--max-threads", default=1024, show_default=True, type=click.IntRange(min=4),
@@ -275,6 +325,7 @@ def _actuator_options(actuator: str, k8s: dict) -> dict:
               help="Keep each job's state here (bounds, learned throughput and noise scale, "
                    "generation) so a restarted controller resumes its jobs (default: none).")
 @_k8s_options
+@_ray_options
 @_server_security
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actuator,
@@ -304,8 +355,11 @@ def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actu
                               actuator_options=_actuator_options(actuator, k8s),
                               max_threads=max_threads, rdzv_port=store_port,
                               rdzv_advertise=rdzv_advertise, state_dir=state_dir)
+    starts = _ray_start(k8s.get("ray_start", ()))
     try:
         ctl = Controller(config, **security).start()
+        for job_id, workers in starts.items():   # the ray actuator places the first agents
+            ctl.actuator.set_workers(job_id, workers)
     except (ControllerError, UnknownActuatorError, ActuatorError) as exc:
         raise UsageProblem(str(exc)) from None
     store = (f", rendezvous store on port {ctl.rdzv_port}" if ctl.rdzv_port is not None

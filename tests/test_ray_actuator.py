@@ -222,3 +222,46 @@ def _group_alive(pgid: int) -> bool:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
+
+
+@pytest.mark.timeout(150)
+def test_standalone_controller_places_agents_as_actors(ray_address, tmp_path):
+    """`adaptrun controller --actuator ray` on an existing cluster: it places the job's first
+    agent (--ray-start) and grows and shrinks the job through `adaptrun scale`, exactly once;
+    the agents' command is the operator's template (--ray-agent-command, {job} and {node})."""
+    out, pace = tmp_path / "out", tmp_path / "pace"
+    out.mkdir()
+    pace.write_text("0.1")
+    port = harness.free_port()
+    worker = f"{LSQ} --samples 4096 --batch 32 --epochs 4 --pace-file {pace} --out {out}"
+    template = (f"{sys.executable} -m adaptrun.cli agent --controller 127.0.0.1:{port} "
+                f"--job {{job}} --node {{node}} --nnodes 1:2 --min-workers 1 --max-workers 2 "
+                f"--snapshot-dir {tmp_path}/snap-{{node}} -- {sys.executable} {worker}")
+    ctl = harness.start([sys.executable, "-m", "adaptrun.cli", "controller", "--port", str(port),
+                         "--metrics-port", "0", "--rdzv-port", "0", "--policy-interval-s",
+                         "600", "--actuator", "ray", "--ray-address", ray_address,
+                         "--ray-agent-command", template, "--ray-start", "rayctl=1"],
+                        harness.base_env(), tmp_path / "controller.log")
+    controller = f"127.0.0.1:{port}"
+    try:
+        harness.wait_steps(out, lambda r: r["world"] == 1, 10, 90, [ctl])
+        for n in (2, 1):
+            t = time.time()
+            moved = _cli("scale", "rayctl", "--min-workers", str(n), "--max-workers", str(n),
+                         "--controller", controller)
+            assert moved.returncode == 0, moved.stderr
+            harness.wait_steps(out, lambda r, n=n, t=t: r["world"] == n and r["t"] > t, 5, 90,
+                               [ctl])
+        pace.write_text("0")
+        deadline = time.monotonic() + 60
+        while not (out / "result.json").exists():
+            assert time.monotonic() < deadline, harness.tail(tmp_path / "controller.log")
+            time.sleep(0.2)
+    finally:
+        harness.stop(ctl, signal.SIGTERM)    # its actuator ends the actors it placed
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            ctl.wait(timeout=30)
+        harness.stop(ctl)
+    worlds = [r["world"] for r in steps(out) if r["rank"] == 0]
+    assert [(a, b) for a, b in zip(worlds, worlds[1:]) if a != b] == [(1, 2), (2, 1)]
+    check_exactly_once(out)
