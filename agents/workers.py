@@ -4,7 +4,9 @@
 gives (RANK, LOCAL_RANK, WORLD_SIZE, GROUP_RANK, ROLE_*, MASTER_ADDR/PORT,
 TORCHELASTIC_*), except that ``TORCHELASTIC_USE_AGENT_STORE=False``: the workers' rank 0
 hosts a fresh store for every round. Workers stay in the agent's process group, so stopping
-the agent's group stops them too. ``outcome()`` classifies the group once every worker
+the agent's group stops them too; ``ADAPTRUN_AGENT_PID`` names the agent, and a worker whose
+agent dies (kill -9: no group stop) is killed by the kernel (``adaptrun.init`` asks for it),
+so no worker trains on in a world its node left. ``outcome()`` classifies the group once every worker
 exited: all 0 is ``SUCCEEDED``; only 0 and ``PLANNED_EXIT_CODE`` is ``PLANNED`` (saved at an
 agreed step: re-form); anything else is ``FAILED`` (and is known as soon as one worker fails).
 """
@@ -61,7 +63,7 @@ class WarmWorker:
 
     def __init__(self, argv: list[str], env: dict):
         r, w = os.pipe()
-        env = dict(env, ADAPTRUN_WARM_READY_FD=str(w))
+        env = dict(env, ADAPTRUN_WARM_READY_FD=str(w), ADAPTRUN_AGENT_PID=str(os.getpid()))
         try:
             self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, pass_fds=(w,))
         finally:
@@ -163,7 +165,8 @@ class WorkerGroup:
                 self.channels.append(proc.stdin)
             else:
                 r, w = os.pipe()
-                env = dict(self.env_for(local_rank), ADAPTRUN_AGENT_FD=str(r))
+                env = dict(self.env_for(local_rank), ADAPTRUN_AGENT_FD=str(r),
+                           ADAPTRUN_AGENT_PID=str(os.getpid()))
                 try:
                     self.procs.append(subprocess.Popen(list(self.spec.command), env=env,
                                                        pass_fds=(r,)))

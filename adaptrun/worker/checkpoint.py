@@ -3,7 +3,10 @@
 A snapshot is the bytes of one ``torch.save`` of ``{"format", "step", "epoch", "fingerprint",
 "states"}`` (see ``state``). On disk it is ``snapshot-<step, 12 digits>.pt`` in a directory,
 written to a temporary name and renamed, so a reader never sees half a file; the newest
-``keep`` files are kept. ``newest(dir)`` returns the highest step found.
+``keep`` files are kept (by step number, so an older write that lands late never displaces a
+newer one). ``newest(dir)`` returns the highest step found. A writer killed mid-write leaves
+only a ``.snapshot-*.tmp`` file, which no reader looks at; ``clean_temp(dir)`` removes them
+(the job does it before it writes again).
 
 Directories
 - node-local: ``ADAPTRUN_SNAPSHOT_DIR``, else ``<tmp>/adaptrun-<run id>`` (one per job and node;
@@ -18,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 __all__ = ["local_dir", "persistent_dir", "write", "newest", "list_all", "read", "clear",
-           "set_aside"]
+           "set_aside", "clean_temp"]
 
 _NAME = re.compile(r"^snapshot-(\d{12})\.pt$")
 
@@ -51,6 +54,21 @@ def write(directory: Path, step: int, data: bytes, keep: int = 2) -> Path:
     for _, old in _list(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def clean_temp(directory: Path | None) -> int:
+    """Remove the temporary files of writes that never finished (a process killed mid-write);
+    call it only where no write to ``directory`` is in flight. Returns how many it removed."""
+    if directory is None or not directory.is_dir():
+        return 0
+    removed = 0
+    for p in directory.glob(".snapshot-*.tmp"):
+        try:
+            p.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _list(directory: Path) -> list[tuple[int, Path]]:

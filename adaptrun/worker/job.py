@@ -9,7 +9,15 @@ in this order, on every rank at the same step:
 1. the previous step is committed (the sampler cursor moves past its examples);
 2. a directive learned during the previous step is applied (``directive``);
 3. a snapshot is written every ``ADAPTRUN_SNAPSHOT_EVERY`` steps (default 50) to node-local
-   storage by each node's local rank 0 (and to ``ADAPTRUN_CHECKPOINT_DIR`` by rank 0);
+   storage by each node's local rank 0 (and to ``ADAPTRUN_CHECKPOINT_DIR`` by rank 0). These
+   periodic snapshots are asynchronous (``ADAPTRUN_SNAPSHOT_ASYNC=0`` turns that off): on the
+   step, a copy of the state that aliases nothing live (``state.detached_copy``); off the step,
+   on one background thread, ``torch.save`` and the atomic write. At most one write is in
+   flight: a due step that finds the previous write unfinished *waits* for it (and says so
+   once on stderr) rather than skipping, so the work a kill can cost stays one interval plus
+   one write, never several intervals, and copies never pile up. Every other snapshot (a
+   planned exit, SIGTERM, ``finish``, leaving a re-form with 75) is synchronous and first joins
+   the write in flight, so an older write can neither land after a newer one nor be lost;
 4. if a stop was agreed (a planned re-form reached its step, or the launcher sent SIGTERM to
    any rank): under adaptrun's agent a planned re-form happens in process
    (``reform_in_process``: no snapshot, the state stays in memory and goes peer to peer to
@@ -37,7 +45,8 @@ from . import checkpoint, directive
 from . import distributed
 from .distributed import WorldInfo
 from .errors import MissingStateError, NotInitializedError
-from .state import RNGState, StateRegistry, encode, exchange_newest, snapshot_of
+from .state import (RNGState, StateRegistry, detached_copy, encode, encode_snapshot,
+                    exchange_newest, snapshot_of)
 
 __all__ = ["init", "Job", "JobState", "current", "register_state", "on_world_formed"]
 
@@ -70,7 +79,13 @@ class Job:
         self.persistent_dir = checkpoint.persistent_dir()
         self.snapshots_on = world.launched or bool(
             os.environ.get("ADAPTRUN_SNAPSHOT_DIR") or self.persistent_dir)
+        self.snapshot_async = os.environ.get("ADAPTRUN_SNAPSHOT_ASYNC", "1") != "0"
         self.last_snapshot_step = -1
+        self.snapshot_wait_s = 0.0    # time due async steps waited for the previous write
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
+        self._warned_slow_write = False
+        self._copy_buffers: list = []     # the CPU tensors of the last copy, reused by the next
         self.restored_step: int | None = None
         self.term_requested = False
         self.stop_agreed = False
@@ -81,6 +96,8 @@ class Job:
     # ---- restore -------------------------------------------------------------------
     def restore(self) -> None:
         dirs = [self.local_dir, self.persistent_dir] if self.snapshots_on else []
+        for d in self._snapshot_targets():      # writes a killed process left unfinished
+            checkpoint.clean_temp(d)
         found = exchange_newest(self.world.rank, self.world.world_size, dirs)
         if found is not None:
             self.registry.restored, self.registry.restored_from = found
@@ -116,17 +133,76 @@ class Job:
                 self.reform_in_process()          # state stays in memory: no snapshot
                 return
         if self.snapshots_on and step != self.last_snapshot_step and (due or self.stop_agreed):
-            self.snapshot()
+            self.snapshot(background=self.snapshot_async and not self.stop_agreed)
         if self.stop_agreed:
             self.planned_exit()
 
-    def snapshot(self) -> None:
-        data = encode(self.registry, self.state.step, self.state.epoch)
-        if self.world.local_rank == 0:
-            checkpoint.write(self.local_dir, self.state.step, data)
+    def snapshot(self, background: bool = False) -> None:
+        """Save the state of this step boundary, after the write in flight (if any) is done.
+        Synchronous: on disk when this returns. Background: copied now, written by a thread."""
+        step = self.state.step
+        was_writing = self._join_writer()
+        if background:
+            self.snapshot_wait_s += was_writing[1]
+        if background and was_writing[0] and not self._warned_slow_write:
+            self._warned_slow_write = True
+            sys.stderr.write(
+                f"adaptrun: the snapshot write before step {step} was still running when the "
+                f"next one was due; the step waited {was_writing[1]:.2f} s for it. Snapshots "
+                f"every {self.snapshot_every_steps} steps are more than this storage keeps up "
+                "with: raise ADAPTRUN_SNAPSHOT_EVERY\n")
+        snap = snapshot_of(self.registry, step, self.state.epoch)   # every rank: state_dict()
+        targets = self._snapshot_targets()
+        self.last_snapshot_step = step
+        if not targets:
+            return
+        if not background:
+            self._write(encode_snapshot(snap), step, targets)
+            return
+        copy = detached_copy(snap, reuse=self._copy_buffers)   # the last copy's, overwritten
+        self._writer = threading.Thread(target=self._write_in_background,
+                                        args=(copy, step, targets),
+                                        name=f"adaptrun-snapshot-{step}")
+        self._writer.start()      # not a daemon: an exiting interpreter lets it finish
+
+    def _snapshot_targets(self) -> list:
+        """The directories this rank writes snapshots to."""
+        if not self.snapshots_on:
+            return []
+        targets = [self.local_dir] if self.world.local_rank == 0 else []
         if self.world.rank == 0 and self.persistent_dir is not None:
-            checkpoint.write(self.persistent_dir, self.state.step, data)
-        self.last_snapshot_step = self.state.step
+            targets.append(self.persistent_dir)
+        return targets
+
+    @staticmethod
+    def _write(data: bytes, step: int, targets: list) -> None:
+        for d in targets:
+            checkpoint.write(d, step, data)
+
+    def _write_in_background(self, snap: dict, step: int, targets: list) -> None:
+        try:
+            self._write(encode_snapshot(snap), step, targets)
+        except BaseException as exc:  # noqa: BLE001 - raised on the main thread at the join
+            self._writer_error = exc
+
+    def _join_writer(self) -> tuple[bool, float]:
+        """Wait for the background write, if any; (whether it was still running, seconds
+        waited). A write that failed raises here, on the training thread."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return False, 0.0
+        running = writer.is_alive()
+        t0 = time.monotonic()
+        writer.join()
+        waited = time.monotonic() - t0
+        exc, self._writer_error = self._writer_error, None
+        if exc is not None:
+            raise RuntimeError(
+                f"adaptrun: writing the snapshot of a previous step failed "
+                f"({type(exc).__name__}: {exc}); check the space and permissions of "
+                f"{', '.join(str(d) for d in self._snapshot_targets())} (ADAPTRUN_SNAPSHOT_DIR / "
+                "ADAPTRUN_CHECKPOINT_DIR)") from exc
+        return running, waited
 
     def reform_in_process(self) -> None:
         """A planned re-form under adaptrun's agent: keep this process and its state.
@@ -138,6 +214,9 @@ class Job:
         memory to the ranks that lack it, DDP is rebuilt) or an exit code (its node leaves;
         75 asks for a snapshot first)."""
         self.stop_agreed = False
+        # No write in flight across a re-form: a joiner on this node cleans unfinished temp
+        # files (``restore``), and a process that leaves must not take a write with it.
+        self._join_writer()
         if self.world.world_size > 1:
             dist.barrier()
         store = distributed.job_store()
@@ -173,6 +252,7 @@ class Job:
             self.parallel._resize_gap_s = max(0.0, time.time() - self.state.last_step_wall)
 
     def planned_exit(self) -> None:
+        self._join_writer()           # a periodic write of this step may still be in flight
         if self.world.world_size > 1:
             dist.barrier()            # every node's snapshot is on disk before anyone leaves
         store = distributed.job_store()
@@ -194,6 +274,7 @@ class Job:
 
     def finish(self) -> None:
         self.finished = True
+        self._join_writer()           # before the final write and before clearing the dir
         if self.world.rank == 0 and self.parallel is not None:
             self.parallel._report()       # says the job is done (finished=True)
         if self.world.rank == 0 and self.persistent_dir is not None:
@@ -259,9 +340,30 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> WorldInf
     Idempotent; returns who this worker is."""
     if distributed.is_initialized() and _job is not None:
         return distributed.world()
+    _die_with_agent()
     world = distributed.form_world(backend, timeout_s)
     on_world_formed(world)
     return world
+
+
+_PR_SET_PDEATHSIG = 1                    # linux/prctl.h
+
+
+def _die_with_agent() -> None:
+    """Under adaptrun's agent (``ADAPTRUN_AGENT_PID``), never outlive it: a worker whose agent
+    was killed (kill -9 leaves no one to stop it) would train on in a world its node left.
+    The kernel sends SIGKILL when the agent ends (Linux ``PR_SET_PDEATHSIG``); an agent that
+    ended before this ends the worker here."""
+    agent = os.environ.pop("ADAPTRUN_AGENT_PID", "")
+    if not agent.isdigit():
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return                           # no prctl (not Linux): as before
+    if os.getppid() != int(agent):
+        os._exit(128 + signal.SIGKILL)
 
 
 def on_world_formed(world: WorldInfo) -> Job:

@@ -26,6 +26,7 @@ Semantics
 """
 from __future__ import annotations
 
+import copy
 import io
 import random
 import sys
@@ -38,8 +39,8 @@ import torch.distributed as dist
 from . import checkpoint
 from .errors import SnapshotCorruptError, SnapshotMismatchError, StateRegistryError
 
-__all__ = ["StateRegistry", "RNGState", "fingerprint", "encode", "decode", "exchange_newest",
-           "SNAPSHOT_FORMAT"]
+__all__ = ["StateRegistry", "RNGState", "fingerprint", "encode", "encode_snapshot",
+           "detached_copy", "decode", "exchange_newest", "SNAPSHOT_FORMAT"]
 
 SNAPSHOT_FORMAT = 1
 
@@ -135,10 +136,59 @@ def snapshot_of(registry: StateRegistry, step: int, epoch: int) -> dict:
             "states": registry.collect()}
 
 
-def encode(registry: StateRegistry, step: int, epoch: int) -> bytes:
+def detached_copy(obj, reuse: list | None = None):
+    """``obj`` (a snapshot dict) with every tensor cloned (on its device) and every container
+    rebuilt, so that nothing in it aliases state the next step mutates; a tensor reached twice
+    (tied weights) is cloned once. Other leaves are deep-copied (numpy RNG state, user objects).
+    This is the part of an asynchronous snapshot that runs on the step.
+
+    ``reuse``: a list holding the CPU tensors of a previous copy that nobody reads any more
+    (empty the first time). A tensor of the same shape and dtype at the same place is
+    overwritten instead of allocated, which spares the step the allocation and first-touch
+    page faults of a fresh copy; the list then holds this copy's CPU tensors, for the next."""
+    memo = {"pool": list(reversed(reuse or [])), "out": []}
+    result = _copy(obj, memo)
+    if reuse is not None:
+        reuse[:] = memo["out"]
+    return result
+
+
+def _copy(obj, memo: dict):
+    if torch.is_tensor(obj):
+        if id(obj) not in memo:
+            src = obj.detach()
+            dst = None
+            if src.device.type == "cpu" and memo["pool"]:
+                old = memo["pool"].pop()
+                if old.shape == src.shape and old.dtype == src.dtype and old.is_contiguous():
+                    dst = old.copy_(src)
+            memo[id(obj)] = dst if dst is not None else src.clone()
+            if src.device.type == "cpu":
+                memo["out"].append(memo[id(obj)])
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        out = copy.copy(obj)          # keeps the dict's type (OrderedDict, defaultdict, ...)
+        for k, v in obj.items():
+            out[k] = _copy(v, memo)
+        return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_copy(v, memo) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy(v, memo) for v in obj)
+    if isinstance(obj, (int, float, str, bytes, bool, type(None))):
+        return obj
+    return copy.deepcopy(obj)
+
+
+def encode_snapshot(snapshot: dict) -> bytes:
+    """The bytes of a snapshot dict (``snapshot_of`` or its ``detached_copy``)."""
     buf = io.BytesIO()
-    torch.save(snapshot_of(registry, step, epoch), buf)
+    torch.save(snapshot, buf)
     return buf.getvalue()
+
+
+def encode(registry: StateRegistry, step: int, epoch: int) -> bytes:
+    return encode_snapshot(snapshot_of(registry, step, epoch))
 
 
 def decode(data: bytes, origin: str = "snapshot") -> dict:

@@ -1,0 +1,1 @@
+"""The chaos harness (``harness``) and its CI test (``test_chaos``)."""
