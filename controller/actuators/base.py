@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Callable, Sequence
 
 Notify = Callable[[str, str], None]                       # (job_id, text)
 BoundsOf = Callable[[str], "tuple[int, int] | None"]      # job_id -> (min, max) workers
@@ -64,6 +64,19 @@ class Actuator(ABC):
 
     def close(self) -> None:
         """Release what the backend holds (processes, clients)."""
+
+
+# What the process-starting backends (local, ray) share: a change callback and the argv of
+# one node's agent, a callable (job, node) -> argv or a list whose items may hold {job}/{node}.
+OnChange = Callable[[str, "int | None", int], None]
+AgentCommand = Callable[[str, str], Sequence[str]] | Sequence[str]
+
+
+def agent_argv(command: AgentCommand, job_id: str, node: str) -> list[str]:
+    """The argv of the agent of ``node`` in ``job_id``, from a command template."""
+    if callable(command):
+        return [str(a) for a in command(job_id, node)]
+    return [str(a).format(job=job_id, node=node) for a in command]
 
 
 # name -> "module:attribute" of a factory, imported on first use so that a backend's

@@ -29,16 +29,13 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
 
-from .base import Actuator, ActuatorError
+from .base import Actuator, ActuatorError, AgentCommand, OnChange, agent_argv
 
 __all__ = ["LocalActuator"]
 
 log = logging.getLogger(__name__)
 
-OnChange = Callable[[str, "int | None", int], None]
-AgentCommand = Callable[[str, str], Sequence[str]] | Sequence[str]
 
 
 class LocalActuator(Actuator):
@@ -89,10 +86,7 @@ class LocalActuator(Actuator):
             return list(self._agents.get(job_id, []))
 
     def _argv(self, job_id: str, node: str) -> list[str]:
-        cmd = self._agent_command
-        if callable(cmd):
-            return [str(a) for a in cmd(job_id, node)]
-        return [str(a).format(job=job_id, node=node) for a in cmd]
+        return agent_argv(self._agent_command, job_id, node)
 
     def _start_agents(self, job_id: str, workers: int) -> None:
         if self._closed.is_set():

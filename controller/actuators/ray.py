@@ -48,16 +48,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from .base import Actuator, ActuatorError
+from .base import Actuator, ActuatorError, AgentCommand, OnChange, agent_argv
 
 __all__ = ["RayActuator", "RayAgent", "AgentActor", "LOST_EXIT_CODE"]
 
 log = logging.getLogger(__name__)
 
-OnChange = Callable[[str, "int | None", int], None]
-AgentCommand = Callable[[str, str], Sequence[str]] | Sequence[str] | str
 
 LOST_EXIT_CODE = -signal.SIGKILL      # what a lost actor's agent reads as: a killed process
 _PR_SET_PDEATHSIG = 1                 # linux/prctl.h
@@ -88,7 +86,7 @@ class RayAgent:
 class RayActuator(Actuator):
     name = "ray"
 
-    def __init__(self, agent_command: AgentCommand | None = None, nproc_per_node: int = 1,
+    def __init__(self, agent_command: AgentCommand | str | None = None, nproc_per_node: int = 1,
                  num_cpus_per_node: float | None = None, num_gpus_per_node: float = 0.0,
                  address: str | None = None, local_num_cpus: int | None = None,
                  temp_dir: str | os.PathLike | None = None,
@@ -304,10 +302,7 @@ class RayActuator(Actuator):
                      job_id, node, self.num_cpus_per_node, self.num_gpus_per_node)
 
     def _argv(self, job_id: str, node: str) -> list[str]:
-        cmd = self._agent_command
-        if callable(cmd):
-            return [str(a) for a in cmd(job_id, node)]
-        return [str(a).format(job=job_id, node=node) for a in cmd]
+        return agent_argv(self._agent_command, job_id, node)
 
     def _poll(self) -> None:
         """Collect what finished: agents placed, agents exited, actors lost."""
