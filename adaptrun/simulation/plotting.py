@@ -56,8 +56,8 @@ def plot_run(samples: list[dict], path: str, title: str,
         ax.plot(xs, [s.get(key, float("nan")) for s in samples], drawstyle="steps-post")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
-        if key == "noise_scale":      # one noisy window can be 50x the rest: log keeps the trend
-            ax.set_yscale("log")
+        if key == "noise_scale" and any(v > 0 for v in (s.get(key, 0) for s in samples)):
+            ax.set_yscale("log")      # one noisy window can be 50x the rest: log keeps the trend
         for t_s, _gen in decisions:
             ax.axvline(t_s, color="tab:red", linestyle="--", linewidth=0.8, alpha=0.6)
     for t_s, gen in decisions:
