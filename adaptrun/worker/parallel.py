@@ -1,14 +1,18 @@
 """AdaptiveDataParallel: DDP that measures the gradient noise for free and rescales the LR.
 
 What it does each optimizer step (no extra backward, one tiny extra all-reduce):
-- A DDP communication hook sees each gradient bucket before and after the all-reduce. Before,
+- Every ``gns_every_steps``-th step (default 4, ``ADAPTRUN_GNS_EVERY``; the same steps on every
+  rank) is *measured*; the others only scale the buckets, as DDP's own hook does.
+- On a measured step a DDP communication hook sees each gradient bucket before and after the
+  all-reduce. Before,
   it takes the squared norm of this rank's local gradient (or, with accumulation, of the last
   micro-batch's gradient; earlier micro-batches are measured between micro-batches from the
   difference of the accumulated gradient) and scales the bucket by this rank's weight
   n_rank / (micro_batches * step_size) (see ``sampler``), so the sum is the exact mean gradient
   even for a ragged last step. After, it takes the squared norm of the averaged gradient.
   Adam-family optimizers (state ``exp_avg_sq``) are measured on the preconditioned gradient
-  g / (sqrt(v / (1 - beta2^t)) + eps) (``gns.precondition``'s formula, in torch).
+  g / (sqrt(v / (1 - beta2^t)) + eps) (``gns.precondition``'s formula, in torch), computed in
+  cache-sized chunks as it goes: no model-sized temporary or stored preconditioner.
 - Just before ``optimizer.step()`` (an optimizer pre-hook) one all-reduce of a few floats sums
   the local small-batch norms, the SIGTERM flags and rank 0's pending directive, so every rank
   holds the same numbers. ``gns.unbiased_estimates`` turns them into |G|^2 and tr(Sigma), which
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import torch
@@ -45,13 +50,15 @@ from .ghost_bn import convert_ghost_batch_norm
 __all__ = ["AdaptiveDataParallel"]
 
 _DIRECTIVE_POLL_S = 0.1
-_PRECOND_REFRESH_STEPS = 10
+_GNS_EVERY = 4             # steps between measured ones (ADAPTRUN_GNS_EVERY)
+_CHUNK = 1 << 20           # elements: a preconditioned norm's temporaries stay in cache
 
 
 class AdaptiveDataParallel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler=None, scaling_rule: ScalingRule | None = None, *,
                  gns_decay: float = 0.99, report_every_steps: int = 10,
+                 gns_every_steps: int | None = None,
                  ghost_batch_size: int | None = None, **ddp_kwargs):
         world = distributed.world("AdaptiveDataParallel")
         self._job = job.current("AdaptiveDataParallel")
@@ -64,13 +71,24 @@ class AdaptiveDataParallel(torch.nn.Module):
             model = model.cuda(world.local_rank)
             ddp_kwargs.setdefault("device_ids", [world.local_rank])
         self._ddp_kwargs = ddp_kwargs
-        self.ddp = DistributedDataParallel(model, **ddp_kwargs)
+        # A restored world holds one state on every rank already (``Job.restore``): DDP's
+        # start-up broadcast of the model would be another copy of it on the resize's path.
+        self.ddp = DistributedDataParallel(
+            model, **{"init_sync": not self._job.state_in_sync, **ddp_kwargs})
         self.ddp.register_comm_hook(None, self._comm_hook)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.scaling_rule = scaling_rule if scaling_rule is not None else AdaScale()
         self.report_every_steps = int(report_every_steps)
         self._world = world
+        if gns_every_steps is None:
+            gns_every_steps = int(os.environ.get("ADAPTRUN_GNS_EVERY", str(_GNS_EVERY)))
+        if isinstance(gns_every_steps, bool) or not isinstance(gns_every_steps, int) \
+                or gns_every_steps < 1:
+            raise ValueError(f"gns_every_steps must be an int >= 1, got {gns_every_steps!r}")
+        self.gns_every_steps = gns_every_steps
+        # gns_decay per measured step: the averages keep as many samples as when every step
+        # was measured, over gns_every_steps times as many steps.
         self._gns = GNSState(decay=gns_decay)
         self._progress = 0.0
         self._generation = 0
@@ -90,9 +108,6 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._step_times: list[float] = []
         self._sync_times: list[float] = []
         self._prev: dict[int, torch.Tensor] = {}     # accumulated grads before this micro-batch
-        self._precond: dict[int, torch.Tensor] | None = None
-        self._precond_step = 0
-        self._precond_flat: dict[tuple, torch.Tensor | None] = {}
         self._reset_step_stats()
         self._begin_step(None, None)
         self._wrap_optimizer(optimizer)
@@ -130,9 +145,9 @@ class AdaptiveDataParallel(torch.nn.Module):
         dropped (bucket layout, step timings, an unapplied directive of the old world)."""
         model = self.ddp.module
         del self.ddp
-        self.ddp = DistributedDataParallel(model, **self._ddp_kwargs)
+        # The re-form just gave every rank the newest state: no start-up broadcast.
+        self.ddp = DistributedDataParallel(model, **{"init_sync": False, **self._ddp_kwargs})
         self.ddp.register_comm_hook(None, self._comm_hook)
-        self._precond_flat.clear()
         self._prev.clear()
         self._step_times.clear()
         self._sync_times.clear()
@@ -237,57 +252,50 @@ class AdaptiveDataParallel(torch.nn.Module):
             self._weight = rank_slice.weight
             self._stats_on = plan.regular and plan.size > plan.size // (
                 plan.world_size * plan.micro_batches)
+        # Measured on a cadence (the same steps on every rank): the averages need samples,
+        # not every step, and a step that measures nothing costs what DDP's costs.
+        self._stats_on = self._stats_on and self._job.state.step % self.gns_every_steps == 0
 
-    def _preconditioner(self) -> dict[int, torch.Tensor]:
-        """Per parameter (id) 1 / (sqrt(v / (1 - beta2^t)) + eps) of an Adam-family optimizer.
-
-        Rebuilt every ``_PRECOND_REFRESH_STEPS`` steps, not every step: v moves by a factor of
-        about (1 - beta2) per step, so a few steps of staleness change the statistics by far
-        less than their own noise, and the rebuild costs as much as an optimizer step."""
-        step = self._job.state.step
-        adam_state_due = not self._precond and self._precond_step == 0 < step   # after step 1
-        if self._precond is None or adam_state_due or (
-                step - self._precond_step >= _PRECOND_REFRESH_STEPS):
-            self._precond, self._precond_step = {}, step
-            self._precond_flat.clear()
-            for group in self.optimizer.param_groups:
-                beta2 = group.get("betas", (0.9, 0.999))[1]
-                eps = group.get("eps", 1e-8)
-                for p in group["params"]:
-                    st = self.optimizer.state.get(p, {})
-                    v = st.get("exp_avg_sq")
-                    if v is None:
-                        continue
+    def _preconditioner(self) -> dict[int, tuple]:
+        """Per parameter (id) of an Adam-family optimizer: (v, 1 - beta2^t, eps), so that
+        ``_sqr_norm`` measures g / (sqrt(v / (1 - beta2^t)) + eps) as it goes: no copy of the
+        preconditioner is kept (it would be another model-sized buffer), none goes stale."""
+        pre = {}
+        for group in self.optimizer.param_groups:
+            beta2 = group.get("betas", (0.9, 0.999))[1]
+            eps = group.get("eps", 1e-8)
+            for p in group["params"]:
+                st = self.optimizer.state.get(p)
+                v = st.get("exp_avg_sq") if st else None
+                if v is not None:
                     t = float(st.get("step", 1))
-                    bias2 = 1.0 - beta2 ** max(t, 1.0)
-                    self._precond[id(p)] = 1.0 / ((v / bias2).sqrt() + eps)
-        return self._precond
-
-    def _bucket_preconditioner(self, bucket) -> torch.Tensor | None:
-        """The preconditioner laid out like ``bucket.buffer()`` (ones where a parameter has
-        no optimizer state yet); None for plain SGD-family optimizers."""
-        pre = self._preconditioner()
-        if not pre:
-            return None
-        params = bucket.parameters()      # DDP may rebuild its buckets after the first step
-        key = (bucket.index(), id(params[0]) if params else 0, bucket.buffer().numel())
-        flat = self._precond_flat.get(key)
-        if flat is None:
-            parts = [pre.get(id(p), torch.ones_like(g)).reshape(-1)
-                     for p, g in zip(params, bucket.gradients())]
-            flat = torch.cat(parts) if parts else None
-            self._precond_flat[key] = flat
-        return flat
+                    pre[id(p)] = (v.reshape(-1), 1.0 - beta2 ** max(t, 1.0), eps)
+        return pre
 
     @staticmethod
-    def _sqr_flat(buf: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
-        """|buf|^2, or |buf * pre|^2: one reduction over the whole bucket, no host sync."""
-        if buf.dtype in (torch.float16, torch.bfloat16):
-            buf = buf.float()
-        if pre is None or pre.numel() != buf.numel():
-            return torch.dot(buf, buf)
-        t = buf * pre
-        return torch.dot(t, t)
+    def _sqr_norm(grads, params, pre: dict) -> torch.Tensor:
+        """sum over parameters of |g|^2, or |g / (sqrt(v / bias2) + eps)|^2 where the
+        optimizer keeps v: plain dot products, the preconditioned ones in cache-sized chunks
+        (their temporaries never grow with the model). No host sync."""
+        total = None
+        for p, g in zip(params, grads):
+            g = g.reshape(-1)
+            if g.dtype in (torch.float16, torch.bfloat16):
+                g = g.float()
+            w = pre.get(id(p))
+            if w is None or w[0].numel() != g.numel():
+                part = torch.dot(g, g)
+            else:
+                v, bias2, eps = w
+                part = None
+                for gs, vs in zip(g.split(_CHUNK), v.split(_CHUNK)):
+                    d = torch.div(gs, torch.div(vs, bias2).sqrt_().add_(eps))
+                    dd = torch.dot(d, d)
+                    part = dd if part is None else part + dd
+                if part is None:
+                    continue
+            total = part if total is None else total + part
+        return total if total is not None else torch.zeros(())
 
     def _next_micro(self) -> None:
         """Between micro-batches: measure the one just backpropagated (accumulated - prev)."""
@@ -302,11 +310,8 @@ class AdaptiveDataParallel(torch.nn.Module):
                     prev = self._prev.get(id(p))
                     if prev is None or prev.shape != p.grad.shape:
                         prev = self._prev[id(p)] = torch.zeros_like(p.grad)
-                    d = (p.grad if self._micro_seen == 0 else p.grad - prev).reshape(-1)
-                    w = pre.get(id(p))
-                    if w is not None:
-                        d = d * w.reshape(-1)
-                    self._small_sum = self._small_sum + torch.dot(d, d)
+                    d = p.grad if self._micro_seen == 0 else p.grad - prev
+                    self._small_sum = self._small_sum + self._sqr_norm([d], [p], pre)
                     prev.copy_(p.grad)
         self._small_count += 1
         self._micro_seen += 1
@@ -316,20 +321,15 @@ class AdaptiveDataParallel(torch.nn.Module):
         if self._sync_start is None:
             self._sync_start = time.perf_counter()
         stats = self._stats_on
-        pre = None
         if stats:
+            params, grads = bucket.parameters(), bucket.gradients()
+            sizes = [g.numel() for g in grads]
+            pre = self._preconditioner()
             with torch.no_grad():
-                pre = self._bucket_preconditioner(bucket)
                 if self._micro_seen > 0:      # accumulation: the last micro-batch's own part
-                    for p, g in zip(bucket.parameters(), bucket.gradients()):
-                        prev = self._prev.get(id(p))
-                        d = (g if prev is None else g - prev).reshape(-1)
-                        w = self._precond.get(id(p)) if self._precond else None
-                        if w is not None:
-                            d = d * w.reshape(-1)
-                        self._small_sum = self._small_sum + torch.dot(d, d)
-                else:
-                    self._small_sum = self._small_sum + self._sqr_flat(buf, pre)
+                    grads = [g if self._prev.get(id(p)) is None else g - self._prev[id(p)]
+                             for p, g in zip(params, grads)]
+                self._small_sum = self._small_sum + self._sqr_norm(grads, params, pre)
             if bucket.index() == 0:
                 self._small_count += 1
         buf.mul_(self._weight)
@@ -339,7 +339,9 @@ class AdaptiveDataParallel(torch.nn.Module):
             reduced = f.value()[0]
             if stats:
                 with torch.no_grad():
-                    self._big_sqr = self._big_sqr + self._sqr_flat(reduced, pre)
+                    parts = reduced.split(sizes) if sum(sizes) == reduced.numel() else [reduced]
+                    self._big_sqr = self._big_sqr + self._sqr_norm(
+                        parts, params if len(parts) == len(params) else [None], pre)
             self._sync_end = time.perf_counter()
             return reduced
 

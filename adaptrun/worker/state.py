@@ -216,76 +216,114 @@ def decode(data: bytes, origin: str = "snapshot") -> dict:
 
 
 class _TensorSlot:
-    """Where a tensor sat in a state dict sent from memory: its dtype's buffer, offset, shape,
-    and whether it lived on the CPU (an RNG state must come back there)."""
+    """Where a tensor sat in a state dict sent from memory: its place in the list of the
+    state's tensors, dtype, shape, and whether it lived on the CPU (an RNG state must come
+    back there)."""
 
-    def __init__(self, dtype, offset: int, shape, on_cpu: bool):
-        self.dtype, self.offset, self.shape, self.on_cpu = dtype, offset, tuple(shape), on_cpu
+    def __init__(self, index: int, dtype, shape, on_cpu: bool):
+        self.index, self.dtype, self.shape, self.on_cpu = index, dtype, tuple(shape), on_cpu
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
 
 
-def _strip(obj, tensors: dict):
+# A tensor of at least this many elements is broadcast on its own, straight from where it
+# lives into the receiver's new tensor; smaller ones share one packed buffer per dtype (a
+# handful of collectives for a model's hundreds of biases and step counters).
+_SEND_ALONE = 1 << 18
+
+
+def _strip(obj, tensors: list, slots: list):
     """``obj`` with every tensor replaced by a ``_TensorSlot``; the tensors go to ``tensors``
-    (dtype -> list), in order."""
+    and their slots to ``slots``, in order."""
     if torch.is_tensor(obj):
-        group = tensors.setdefault(obj.dtype, [])
-        offset = sum(t.numel() for t in group)
-        group.append(obj.detach())
-        return _TensorSlot(obj.dtype, offset, obj.shape, obj.device.type == "cpu")
+        slot = _TensorSlot(len(tensors), obj.dtype, obj.shape, obj.device.type == "cpu")
+        tensors.append(obj.detach())
+        slots.append(slot)
+        return slot
     if isinstance(obj, dict):
-        return type(obj)((k, _strip(v, tensors)) for k, v in obj.items())
+        return type(obj)((k, _strip(v, tensors, slots)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_strip(v, tensors) for v in obj)
+        return type(obj)(_strip(v, tensors, slots) for v in obj)
     return obj
 
 
-def _fill(obj, buffers: dict):
+def _slots_of(obj, slots: list) -> list:
     if isinstance(obj, _TensorSlot):
-        n = 1
-        for d in obj.shape:
-            n *= d
-        t = buffers[obj.dtype][obj.offset:obj.offset + n].view(obj.shape)
+        slots.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _slots_of(v, slots)
+    elif isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        for v in obj:
+            _slots_of(v, slots)
+    return slots
+
+
+def _fill(obj, tensors: list):
+    if isinstance(obj, _TensorSlot):
+        t = tensors[obj.index]
         return t.cpu() if obj.on_cpu else t
     if isinstance(obj, dict):
-        return type(obj)((k, _fill(v, buffers)) for k, v in obj.items())
+        return type(obj)((k, _fill(v, tensors)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_fill(v, buffers) for v in obj)
+        return type(obj)(_fill(v, tensors) for v in obj)
     return obj
 
 
 def _send_from_memory(snapshot: dict | None, holder: int, rank: int, group) -> dict:
     """Broadcast ``snapshot`` (on ``holder``) to the ranks of ``group``: the structure once,
-    then one flat buffer per dtype."""
-    tensors: dict = {}
-    skeleton = [_strip(snapshot, tensors) if rank == holder else None]
-    sizes = [{dt: sum(t.numel() for t in ts) for dt, ts in tensors.items()}]
+    then each large tensor from where it lives (no packing copy of the model's state), and
+    the small ones packed per dtype."""
+    tensors: list = []
+    skeleton = [_strip(snapshot, tensors, slots := []) if rank == holder else None]
     dist.broadcast_object_list(skeleton, src=holder, group=group)
-    dist.broadcast_object_list(sizes, src=holder, group=group)
+    if rank != holder:
+        slots = _slots_of(skeleton[0], [])
     dev = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
            else torch.device("cpu"))
-    buffers = {}
-    for dtype, n in sizes[0].items():
+    received: list = [None] * len(slots)
+    small: dict = {}
+    for slot in slots:
+        if slot.numel < _SEND_ALONE:
+            small.setdefault(slot.dtype, []).append(slot)
+            continue
         if rank == holder:
-            flat = torch.cat([t.reshape(-1).to(dev) for t in tensors[dtype]]) if n else \
-                torch.empty(0, dtype=dtype, device=dev)
+            t = tensors[slot.index].to(dev).contiguous()
         else:
-            flat = torch.empty(n, dtype=dtype, device=dev)
+            t = torch.empty(slot.shape, dtype=slot.dtype, device=dev)
+        dist.broadcast(t, src=holder, group=group)
+        received[slot.index] = t
+    for dtype, group_slots in small.items():
+        if rank == holder:
+            flat = torch.cat([tensors[s.index].reshape(-1).to(dev) for s in group_slots])
+        else:
+            flat = torch.empty(sum(s.numel for s in group_slots), dtype=dtype, device=dev)
         dist.broadcast(flat, src=holder, group=group)
-        buffers[dtype] = flat
-    return snapshot if rank == holder else _fill(skeleton[0], buffers)
+        offset = 0
+        for s in group_slots:
+            received[s.index] = flat[offset:offset + s.numel].view(s.shape)
+            offset += s.numel
+    return snapshot if rank == holder else _fill(skeleton[0], received)
 
 
 def exchange_newest(rank: int, world_size: int, dirs: list[Path | None],
-                    memory=None) -> tuple[dict, str] | None:
+                    memory=None, agreed: dict | None = None) -> tuple[dict, str] | None:
     """Collective: find the newest state any rank holds and give it to the ranks that need it.
 
     ``memory``: (step, callable returning the snapshot dict) of a rank that holds the job's
     state in memory. Returns (snapshot, origin) to a rank that needed the state; None to a
-    rank that holds it already, or when no rank holds any state."""
+    rank that holds it already, or when no rank holds any state. ``agreed["step"]`` gets the
+    step every rank now holds (-1: none), the same on every rank."""
     on_disk = sorted((found for d in dirs if d is not None for found in checkpoint.list_all(d)),
                      reverse=True)                  # newest first
     skipped: list[str] = []                          # unreadable files passed over
     while True:
-        found = _exchange(rank, world_size, on_disk, memory, skipped)
+        found = _exchange(rank, world_size, on_disk, memory, skipped, agreed)
         if found is not _AGAIN:
             return found
 
@@ -293,7 +331,8 @@ def exchange_newest(rank: int, world_size: int, dirs: list[Path | None],
 _AGAIN = object()
 
 
-def _exchange(rank: int, world_size: int, on_disk: list, memory, skipped: list):
+def _exchange(rank: int, world_size: int, on_disk: list, memory, skipped: list,
+              agreed: dict | None):
     """One round of ``exchange_newest``; ``_AGAIN`` when the chosen file did not load (its
     holder dropped it from ``on_disk``: every rank runs another round)."""
     best = on_disk[0] if on_disk else None
@@ -310,6 +349,8 @@ def _exchange(rank: int, world_size: int, on_disk: list, memory, skipped: list):
         offers = [offer]
     step, in_memory, neg_holder = max((int(o[0]), int(o[1]), -int(o[2])) for o in offers)
     holder = -neg_holder
+    if agreed is not None:
+        agreed["step"] = step
     if step < 0:
         if sum(int(o[3]) for o in offers):
             raise SnapshotCorruptError(
