@@ -69,7 +69,7 @@ from adaptrun.science.report import Report
 
 from .controller_client import ClientCredentials, ControllerClient, JobBoundsSpec
 from .rendezvous import (RendezvousConf, RoundSpec, connect_store, end_round, fast_polling,
-                         join_round)
+                         join_round, parse_endpoint)
 from .workers import Outcome, WarmWorker, WorkerGroup, WorkerSpec, spawn_spares
 
 __all__ = ["AgentConfig", "Agent", "AgentError"]
@@ -81,6 +81,12 @@ RESTART_COUNT_KEY = "adaptrun/restart_count"
 FORMED_KEY = "formed"          # in the job's agent store: the newest round that formed
 FINAL_KEY = "final"            # "<run id> <nodes>": the job finished in that round
 COMMITTED_KEY = "committed"    # the newest step the job's reports showed
+ALIVE_KEY = "alive"            # a counter every agent in the job bumps every ALIVE_EVERY_S
+ALIVE_EVERY_S = 0.5
+# A node waiting to join sees no bump this long: no agent runs the job (all were lost), so it
+# starts the job's next failure round itself instead of waiting for a re-form.
+ALIVE_DEAD_AFTER_S = 4.0
+ASK_TO_JOIN_EVERY_S = 2.0
 
 
 class AgentError(RuntimeError):
@@ -319,6 +325,8 @@ class Agent:
         self._hosting = False
         self._store_lost = False
         self._leaving = False    # a planned re-form let this node go: a signal is that leave
+        self._heartbeat_stop = threading.Event()
+        self._store_address: tuple[str, int] = ("127.0.0.1", 0)
 
     # -- the controller's side ------------------------------------------------------------
     def _on_directive(self, d) -> None:
@@ -398,8 +406,10 @@ class Agent:
         try:
             self._ensure_spares()   # their imports overlap the agent's own start-up
             self._start_client()
-            rdzv_store, self._hosting = connect_store(self._rdzv_endpoint(), c.rdzv_conf,
-                                                      c.local_addr)
+            endpoint = self._rdzv_endpoint()
+            rdzv_store, self._hosting = connect_store(endpoint, c.rdzv_conf, c.local_addr)
+            self._store_address = (parse_endpoint(endpoint) if endpoint
+                                   else (c.local_addr, rdzv_store.port))
             job_store = dist.PrefixStore(f"adaptrun/agent/{c.job_id}/", rdzv_store)
             self.relay = ReportRelay(self.report_file, c.job_id, self.client)
             code = self._rounds(rdzv_store, job_store)
@@ -418,6 +428,7 @@ class Agent:
                       "controller (its actuator) so that they join the next round", exc)
             return 1
         finally:
+            self._heartbeat_stop.set()
             if self._workers is not None:
                 self._workers.stop()
             if self._parked is not None:
@@ -473,8 +484,12 @@ class Agent:
         One order, whatever the timing: a directive that grows the job and has not formed yet
         is joined (the old world keeps training until this agent has announced itself); a job
         with no formed round and no directive starts at round 0; otherwise the job runs
-        without this node, so the agent waits for the next directive that grows it (never for
-        a round that has closed)."""
+        without this node (say, its pod was restarted after a failure): the agent asks the
+        controller to re-admit it (``ask_to_join``: a job short of its size gets a new
+        directive, which grows it) and waits for a directive that adds it, never for a round
+        that has closed. When no agent runs the job any more (nobody bumps ``alive`` for
+        ``ALIVE_DEAD_AFTER_S``), it starts the job's next failure round itself, as survivors
+        would: the workers restore the newest snapshot."""
         c = self.config
         if self._job_done(job_store):
             return None
@@ -486,14 +501,31 @@ class Agent:
                      "directive that adds this node", c.job_id, formed["nodes"] if formed else 0,
                      formed["generation"] if formed else 0)
             deadline = time.monotonic() + c.rdzv_conf.join_timeout
+            alive, alive_changed_s, asked_s = None, time.monotonic(), -math.inf
             while not self._grows(d, formed):
                 if self._stop_signal is not None:
                     raise _Stopped()
                 if self._job_done(job_store):
                     return None
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise AgentError(f"no directive added this node to job {c.job_id} within "
                                      f"{c.rdzv_conf.join_timeout:.0f} s (join_timeout)")
+                try:
+                    count = int(job_store.add(ALIVE_KEY, 0))
+                except (RuntimeError, OSError, ValueError):
+                    count = alive
+                if count != alive:
+                    alive, alive_changed_s = count, now
+                elif formed is not None and now - alive_changed_s > ALIVE_DEAD_AFTER_S:
+                    n = formed["nodes"]
+                    log.info("no agent runs job %s (none seen for %.0f s): starting its next "
+                             "round from the newest snapshot", c.job_id, ALIVE_DEAD_AFTER_S)
+                    return RoundSpec(formed["generation"], formed["attempt"] + 1,
+                                     min(c.nnodes_min, n), max(n, 1))
+                if self.client is not None and now - asked_s > ASK_TO_JOIN_EVERY_S:
+                    asked_s = now
+                    self.client.ask_to_join()
                 time.sleep(0.05)
                 d, formed = self._latest_directive(), self._formed(job_store)
         n = c.nodes_for(d.world_size)
@@ -533,6 +565,7 @@ class Agent:
         if spec is None:
             log.info("job %s is done: this agent starts no workers", c.job_id)
             return 0
+        self._start_heartbeat()
         restarts = 0
         while True:
             handler, info = joined or join_round(rdzv_store, c.job_id, spec, c.rdzv_conf,
@@ -602,6 +635,27 @@ class Agent:
                         restarts, c.max_restarts)
             spec = RoundSpec(spec.generation, spec.attempt + 1,
                              min(c.nnodes_min, result.nodes), result.nodes)
+
+    def _start_heartbeat(self) -> None:
+        """Bump the job's ``alive`` counter every ``ALIVE_EVERY_S`` while this agent is in the
+        job (in a round or joining one), over a store connection of its own: a node waiting
+        to join tells from it whether any agent still runs the job."""
+        host, port = self._store_address
+
+        def beat():
+            store = None
+            while not self._heartbeat_stop.wait(ALIVE_EVERY_S):
+                try:
+                    if store is None:
+                        store = dist.PrefixStore(
+                            f"adaptrun/agent/{self.config.job_id}/",
+                            dist.TCPStore(host, port, None, False, timedelta(seconds=5),
+                                          wait_for_workers=False))
+                    store.add(ALIVE_KEY, 1)
+                except (RuntimeError, OSError):
+                    store = None              # the store is gone: try again (it may be back)
+                    self._heartbeat_stop.wait(2.0)
+        threading.Thread(target=beat, name="adaptrun-heartbeat", daemon=True).start()
 
     def _outlive_the_job(self, job_store) -> None:
         """This agent hosts the rendezvous store: wait until every agent of the job's last
@@ -698,7 +752,7 @@ class Agent:
                  group_rank * c.nproc_per_node, (group_rank + 1) * c.nproc_per_node - 1,
                  workers.world_size)
         state = _DirectiveState(WorkerStore(bsi.master_addr, bsi.master_port), group_rank,
-                                nodes, order_rank=order_rank)
+                                nodes, order_rank=order_rank, round_generation=spec.generation)
         early = False
         forwarded = False
         signalled_s = 0.0
@@ -834,7 +888,9 @@ class Agent:
         c = self.config
         nodes = st.nodes
         target = c.nodes_for(d.world_size) if d.world_size > 0 else nodes
-        reform = target != nodes
+        # A directive this round (or an earlier one) already formed from is only its batch: a
+        # failure round of fewer nodes must not re-form to that directive's closed round.
+        reform = target != nodes and d.generation > st.round_generation
         if reform:
             st.planned = RoundSpec(d.generation, 0, target, target)
             if st.order_rank < target and d.generation not in st.announced:
@@ -876,6 +932,7 @@ class _DirectiveState:
     group_rank: int
     nodes: int
     order_rank: int = 0
+    round_generation: int = 0
     written: int = 0
     planned: RoundSpec | None = None
     parked_checked_s: float = 0.0

@@ -193,6 +193,7 @@ class ControllerClient:
         self._queue: deque[Report] = deque()
         self._queue_size = queue_size
         self._cv = threading.Condition()
+        self._deliver_lock = threading.Lock()
         self._stop = threading.Event()
         self._calls: list = []
         self._registered = False
@@ -322,11 +323,34 @@ class ControllerClient:
             self.sent_reports += 1
             yield report_to_proto(r)
 
+    def ask_to_join(self) -> bool:
+        """Tell the controller this agent waits to join the running job (a ``Register``
+        with ``wants_to_join``; idempotent). The directive that adds it comes as any other.
+        False when the controller could not be asked now (the caller asks again later)."""
+        channel = self._channel
+        if channel is None or not self.connected.is_set():
+            return False
+        try:
+            resp = pb_grpc.ControllerStub(channel).Register(pb.RegisterRequest(
+                job_id=self.job_id, node=self.node, slots=self.slots, address=self.address,
+                bounds=self.bounds.to_proto(), last_generation=self.last_generation,
+                wants_to_join=True), timeout=self.rpc_timeout_s,
+                metadata=self.credentials.metadata())
+        except grpc.RpcError as exc:
+            log.debug("asking the controller to join failed: %s", exc)
+            return False
+        if resp.job_done:
+            self.job_done.set()
+        if resp.directive.generation:
+            self._deliver(resp.directive)
+        return True
+
     def _deliver(self, d: pb.Directive) -> None:
-        if d.generation <= self.last_generation:
-            return  # already applied (sent again after a reconnect)
-        self.last_generation = d.generation
-        self.directive = d
+        with self._deliver_lock:      # the session's thread and ask_to_join's caller
+            if d.generation <= self.last_generation:
+                return  # already applied (sent again after a reconnect)
+            self.last_generation = d.generation
+            self.directive = d
         log.info("directive %d: world size %d, global batch %d (local %d, accum %d): %s",
                  d.generation, d.world_size, d.global_batch, d.local_batch, d.accum_steps,
                  d.reason)

@@ -174,7 +174,38 @@ class ControllerCore:
             log.info("job %s registered by node %s (%d slots): workers [%d, %d]; batch limits "
                      "from the script (caps: %s)", job.job_id, req.node, req.slots,
                      bounds.min_replicas, bounds.max_replicas, caps)
+        if req.wants_to_join and not created:
+            self._readmit(job, req.node)
         return job, agent
+
+    # A node that waits to join asks every few seconds; one re-admission per this interval.
+    READMIT_INTERVAL_S = 5.0
+
+    def _readmit(self, job: Job, node: str) -> None:
+        """``node`` waits to join a job that runs short of its size (its pod was restarted
+        after a failure, and the survivors re-formed without it): issue the job's current
+        configuration again as a new generation, so the survivors re-form with the node. A job
+        at its size, a directive still being applied, or a done job: nothing (the policy
+        decides whether the job grows)."""
+        with job.policy_lock:
+            now = self.clock()
+            with job.changed:
+                d, rep = job.directive, job.last_report
+                if job.done or rep is None or now - job.readmit_time_s < self.READMIT_INTERVAL_S:
+                    return
+                target = d.world_size if d is not None and d.world_size > 0 else (
+                    self.actuator.current_workers(job.job_id) or rep.world_size)
+                applying = (d is not None and rep.generation < d.generation
+                            and now - job.directive_time_s < self.config.settle_timeout_s)
+                if rep.world_size >= target or applying:
+                    return
+                job.readmit_time_s = now
+            config = (Config(target, d.local_batch, d.accum_steps) if d is not None
+                      and d.global_batch > 0 else Config(target, 0, 0))
+            reason = (f"node {node} waits to join: the job runs {rep.world_size} of its "
+                      f"{target} workers, re-form with it")
+            directive = self.issue_directive(job, config, reason)
+        log.info("job %s generation %d: %s", job.job_id, directive.generation, reason)
 
     # -- reports -------------------------------------------------------------------------
     def ingest(self, agent: Agent, msg) -> tuple[Job, int]:

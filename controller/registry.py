@@ -81,6 +81,7 @@ class Job:
     notices: list[str] = field(default_factory=list)   # for the user, each said once
     done: bool = False                # a report said the job's last epoch is done
     resize_gaps: list[float] = field(default_factory=list)   # measured planned re-forms, s
+    readmit_time_s: float = float("-inf")   # last directive that re-admitted a waiting node
     metric_name: str = ""
     metric: float = float("nan")
     changed: threading.Condition = field(default_factory=threading.Condition, repr=False)

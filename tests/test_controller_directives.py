@@ -14,7 +14,8 @@ from adaptrun.controller.core import ControllerConfig
 from adaptrun.controller.server import Controller
 from adaptrun.science.policy import Config
 from adaptrun.science.report import Report
-from controller_support import (channel_to, register, report, running_controller, send_reports)
+from controller_support import (BOUNDS, channel_to, register, report, running_controller,
+                                send_reports)
 
 
 def _first(stream, timeout_s=5.0):
@@ -134,3 +135,35 @@ def test_agent_client_survives_a_controller_restart_and_never_blocks(caplog):
     finally:
         client.close()
         ctl.stop(grace_s=0.1)
+
+
+def test_a_node_waiting_to_join_a_job_short_of_its_size_gets_a_directive_that_adds_it():
+    """A pod restarted after its node failed: the survivors run 2 of the job's 4 workers. Its
+    agent's ``wants_to_join`` registration gets the job's size again as a new generation (once
+    per interval); a job at its size or still applying a directive gets nothing."""
+    with running_controller(policy_interval_s=60.0) as ctl, channel_to(ctl) as (_, stub):
+        agent = register(stub, "gpt", node="n0").agent_id
+        send_reports(stub, agent, [report("gpt", step=i, world_size=4) for i in (1, 2)])
+        job = ctl.core.registry.job("gpt")
+        ctl.core.issue_directive(job, Config(4, 16, 0), "the policy's")   # generation 1
+
+        def join(node):
+            return stub.Register(pb.RegisterRequest(
+                job_id="gpt", node=node, slots=1, address="127.0.0.1:1", bounds=BOUNDS,
+                wants_to_join=True), timeout=5).directive
+
+        # Reports of generation 1 at its size: nothing to re-admit.
+        send_reports(stub, agent, [report("gpt", step=3, world_size=4, generation=1)])
+        assert join("n3").generation == 1
+        # A failure: the survivors re-formed with 2 of the 4 workers.
+        send_reports(stub, agent, [report("gpt", step=4, world_size=2, generation=1)])
+        d = join("n3")
+        assert (d.generation, d.world_size, d.global_batch) == (2, 4, 64), d
+        assert "node n3 waits to join: the job runs 2 of its 4 workers" in d.reason
+        assert ctl.actuator_changes == [], "re-admission moves no actuator"
+        # Asked again at once (the agent asks every 2 s): no second directive.
+        assert join("n3").generation == 2
+        # Still applying generation 2 (reports of generation 1): nothing either.
+        job.readmit_time_s = float("-inf")
+        send_reports(stub, agent, [report("gpt", step=5, world_size=2, generation=1)])
+        assert join("n3").generation == 2

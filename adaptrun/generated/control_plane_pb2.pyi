@@ -25,20 +25,22 @@ class JobBounds(_message.Message):
     def __init__(self, min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., init_batch: _Optional[int] = ..., max_global_batch: _Optional[int] = ..., local_batch_min: _Optional[int] = ..., local_batch_max: _Optional[int] = ..., max_accum_steps: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("job_id", "node", "slots", "address", "bounds", "last_generation")
+    __slots__ = ("job_id", "node", "slots", "address", "bounds", "last_generation", "wants_to_join")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     LAST_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    WANTS_TO_JOIN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     node: str
     slots: int
     address: str
     bounds: JobBounds
     last_generation: int
-    def __init__(self, job_id: _Optional[str] = ..., node: _Optional[str] = ..., slots: _Optional[int] = ..., address: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., last_generation: _Optional[int] = ...) -> None: ...
+    wants_to_join: bool
+    def __init__(self, job_id: _Optional[str] = ..., node: _Optional[str] = ..., slots: _Optional[int] = ..., address: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., last_generation: _Optional[int] = ..., wants_to_join: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("agent_id", "bounds", "directive", "report_interval_s", "job_done", "rdzv_endpoint")

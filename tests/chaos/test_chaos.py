@@ -1,14 +1,15 @@
 """Chaos: kill -9 of workers, agents, the controller and a resize in flight, in one real job.
 
-CI runs one seed with 4 faults drawn from the kinds that are survived today (worker kills and
-resizes with a worker killed during the handoff, in a seeded order) in about 75 s on 2 cores,
-plus the known agent-restart bug as an expected failure. The long variant, by hand::
+CI runs one seed with 4 faults drawn from the kinds that are survived today (worker kills, agent
+kills with the agent restarted under its name as a pod is, the first node's included, and
+resizes with a worker or agent killed during the handoff, in a seeded order: seed 1 starts
+with the only agent of a one-node job) in about 70 s on 2 cores. The long variant, by hand::
 
     ADAPTRUN_CHAOS_SEEDS=20 ADAPTRUN_CHAOS_FAULTS=10 python -m pytest -s tests/chaos
 
 (``ADAPTRUN_CHAOS_SEED`` picks the first seed, default 1; ``ADAPTRUN_CHAOS_KINDS`` the
-fault kinds, default ``worker,resize``: add ``agent`` and ``controller`` to hit the known bugs
-that ``harness`` describes, reported as xfail; ``-s`` shows each run's summary: kills
+fault kinds, default ``worker,agent,resize``: add ``controller`` to hit the known bug that
+``harness`` describes, reported as xfail; ``-s`` shows each run's summary: kills
 survived, how long the job took to train again and the steps redone per kill.)
 What is checked after each run: the job completed (the last agent of every node in the job
 exited 0; an agent that left on a scale-down exited 0, or 143 from its SIGTERM when a kill
@@ -23,12 +24,12 @@ import os
 
 import pytest
 
-from chaos.harness import KNOWN_BUG, KNOWN_SLOW_REJOIN, KINDS, SURVIVED_KINDS, ChaosError, ChaosRun
+from chaos.harness import KNOWN_BUG, KINDS, SURVIVED_KINDS, ChaosRun
 
 SEEDS = int(os.environ.get("ADAPTRUN_CHAOS_SEEDS", "1"))
 FIRST_SEED = int(os.environ.get("ADAPTRUN_CHAOS_SEED", "1"))
 FAULTS = int(os.environ.get("ADAPTRUN_CHAOS_FAULTS", "4"))
-# ADAPTRUN_CHAOS_KINDS=worker,agent,controller,resize: draw agent kills too (a known bug)
+# ADAPTRUN_CHAOS_KINDS=worker,agent,controller,resize: draw controller kills too (a known bug)
 CHAOS_KINDS = tuple(os.environ.get("ADAPTRUN_CHAOS_KINDS", ",".join(SURVIVED_KINDS)).split(","))
 assert set(CHAOS_KINDS) <= set(KINDS), CHAOS_KINDS
 
@@ -72,18 +73,3 @@ def test_the_job_survives_kill_9_at_random_moments(tmp_path, seed):
         procs, ports = run.leftovers()
     assert not procs, f"processes left behind: {procs}"
     assert not ports, f"ports still listening: {ports}"
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.xfail(reason=f"known bug: {KNOWN_SLOW_REJOIN}", raises=ChaosError, strict=True)
-def test_a_killed_agent_restarted_with_its_name_trains_again(tmp_path):
-    """kill -9 of the only agent of a one-node job, restarted as Kubernetes restarts a pod:
-    the job should restore its last snapshot and go on within seconds."""
-    run = ChaosRun(tmp_path, 2, faults=1, plan=["agent"], fault_timeout_s=20)
-    try:
-        res = run.run()
-        print("\n" + res.summary())
-    finally:
-        run.stop_all()
-        procs, ports = run.leftovers()
-        assert not procs and not ports, (procs, ports)
