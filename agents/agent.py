@@ -39,7 +39,9 @@ How a planned re-form flows (the controller decided: directive generation g, W w
 
 The rendezvous store: the controller hosts one for its jobs and says where at registration
 (``--rdzv-endpoint`` overrides it); no agent is then a single point of failure. An agent with
-neither hosts a store itself: one node only (see ``rendezvous``).
+neither hosts a store itself: one node only (see ``rendezvous``). When the controller restarts,
+its store comes back empty: each agent reconnects and writes back what it knows of the job
+(``job_store``); the workers never needed it.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError,
+                                                      RendezvousConnectionError,
                                                       RendezvousGracefulExitError,
                                                       RendezvousTimeoutError)
 
@@ -68,15 +71,15 @@ from adaptrun.worker.directive import (PLANNED_EXIT_CODE, STATUS_KEY, Directive,
 from adaptrun.science.report import Report
 
 from .controller_client import ClientCredentials, ControllerClient, JobBoundsSpec
-from .rendezvous import (RendezvousConf, RoundSpec, connect_store, end_round, fast_polling,
-                         join_round, parse_endpoint)
+from .job_store import STORE_ERRORS, JobStore
+from .rendezvous import RendezvousConf, RoundSpec, end_round, fast_polling, join_round
 from .workers import Outcome, WarmWorker, WorkerGroup, WorkerSpec, spawn_spares
 
 __all__ = ["AgentConfig", "Agent", "AgentError"]
 
 log = logging.getLogger("adaptrun.agent")
 
-FAILED_KEY = "adaptrun/failed"
+FAILED_KEY = "failed/{}"      # in the job's keys, per round (run id): a worker failed there
 RESTART_COUNT_KEY = "adaptrun/restart_count"
 FORMED_KEY = "formed"          # in the job's agent store: the newest round that formed
 FINAL_KEY = "final"            # "<run id> <nodes>": the job finished in that round
@@ -322,11 +325,9 @@ class Agent:
         self._spares: list[WarmWorker] | None = None
         self._retiring: list[WorkerGroup] = []
         self._parked: WorkerGroup | None = None   # alive, waiting for the next round
-        self._hosting = False
-        self._store_lost = False
+        self.store: JobStore | None = None
         self._leaving = False    # a planned re-form let this node go: a signal is that leave
         self._heartbeat_stop = threading.Event()
-        self._store_address: tuple[str, int] = ("127.0.0.1", 0)
 
     # -- the controller's side ------------------------------------------------------------
     def _on_directive(self, d) -> None:
@@ -402,19 +403,14 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
         fast_polling(c.rdzv_conf.poll_s)
-        rdzv_store = None
         try:
             self._ensure_spares()   # their imports overlap the agent's own start-up
             self._start_client()
-            endpoint = self._rdzv_endpoint()
-            rdzv_store, self._hosting = connect_store(endpoint, c.rdzv_conf, c.local_addr)
-            self._store_address = (parse_endpoint(endpoint) if endpoint
-                                   else (c.local_addr, rdzv_store.port))
-            job_store = dist.PrefixStore(f"adaptrun/agent/{c.job_id}/", rdzv_store)
+            self.store = JobStore(self._rdzv_endpoint(), c.rdzv_conf, c.local_addr, c.job_id)
             self.relay = ReportRelay(self.report_file, c.job_id, self.client)
-            code = self._rounds(rdzv_store, job_store)
-            if self._hosting:
-                self._outlive_the_job(job_store)
+            code = self._rounds()
+            if self.store.hosting:
+                self._outlive_the_job()
             return code
         except _Stopped:
             log.info("stopped by signal %s", self._stop_signal)
@@ -450,24 +446,17 @@ class Agent:
         self.client.close(timeout_s=2.0)
 
     # -- membership: which round this agent joins ------------------------------------------
-    @staticmethod
-    def _formed(job_store) -> dict | None:
+    def _formed(self) -> dict | None:
         """The job's newest formed round: {"generation", "attempt", "nodes"} (None: none yet).
         Every agent writes it the moment its rendezvous closes."""
-        try:
-            if job_store.check([FORMED_KEY]):
-                return json.loads(job_store.get(FORMED_KEY))
-        except (RuntimeError, OSError, ValueError):
-            pass
-        return None
+        self.store.reconnect()
+        return self.store.call(lambda s: json.loads(s.get(FORMED_KEY))
+                               if s.check([FORMED_KEY]) else None)
 
-    def _job_done(self, job_store) -> bool:
+    def _job_done(self) -> bool:
         if self.client is not None and self.client.job_done.is_set():
             return True
-        try:
-            return job_store.check([FINAL_KEY])
-        except (RuntimeError, OSError):
-            return False
+        return bool(self.store.call(lambda s: s.check([FINAL_KEY]), False))
 
     def _grows(self, d, formed: dict | None) -> bool:
         """Directive ``d`` asks for more nodes than the newest formed round has, and is newer."""
@@ -478,7 +467,7 @@ class Agent:
         return (d.generation > formed["generation"]
                 and self.config.nodes_for(d.world_size) > formed["nodes"])
 
-    def _first_round(self, job_store) -> RoundSpec | None:
+    def _first_round(self) -> RoundSpec | None:
         """The round this agent joins (None: the job is done, start nothing).
 
         One order, whatever the timing: a directive that grows the job and has not formed yet
@@ -491,9 +480,9 @@ class Agent:
         ``ALIVE_DEAD_AFTER_S``), it starts the job's next failure round itself, as survivors
         would: the workers restore the newest snapshot."""
         c = self.config
-        if self._job_done(job_store):
+        if self._job_done():
             return None
-        d, formed = self._latest_directive(), self._formed(job_store)
+        d, formed = self._latest_directive(), self._formed()
         if not self._grows(d, formed):
             if formed is None and (d is None or d.generation == 0):
                 return RoundSpec(0, 0, c.nnodes_min, c.nnodes_max)
@@ -505,16 +494,13 @@ class Agent:
             while not self._grows(d, formed):
                 if self._stop_signal is not None:
                     raise _Stopped()
-                if self._job_done(job_store):
+                if self._job_done():
                     return None
                 now = time.monotonic()
                 if now > deadline:
                     raise AgentError(f"no directive added this node to job {c.job_id} within "
                                      f"{c.rdzv_conf.join_timeout:.0f} s (join_timeout)")
-                try:
-                    count = int(job_store.add(ALIVE_KEY, 0))
-                except (RuntimeError, OSError, ValueError):
-                    count = alive
+                count = self.store.call(lambda s: int(s.add(ALIVE_KEY, 0)), alive)
                 if count != alive:
                     alive, alive_changed_s = count, now
                 elif formed is not None and now - alive_changed_s > ALIVE_DEAD_AFTER_S:
@@ -527,59 +513,78 @@ class Agent:
                     asked_s = now
                     self.client.ask_to_join()
                 time.sleep(0.05)
-                d, formed = self._latest_directive(), self._formed(job_store)
+                d, formed = self._latest_directive(), self._formed()
         n = c.nodes_for(d.world_size)
         deadline = time.monotonic() + c.ready_timeout_s
         while not self._spares_ready() and time.monotonic() < deadline:
             time.sleep(0.02)
-        if self._job_done(job_store):
+        if self._job_done():
             return None
-        job_store.add(f"g{d.generation}/joiners", 1)   # the old world may stop now
+        self.store.keys.add(f"g{d.generation}/joiners", 1)   # the old world may stop now
         log.info("joining job %s at directive %d (%d workers on %d nodes)", c.job_id,
                  d.generation, d.world_size, n)
         return RoundSpec(d.generation, 0, n, n)
 
-    def _join_first(self, rdzv_store, job_store):
+    def _join(self, spec: RoundSpec, conf: RendezvousConf):
+        """``join_round`` over the job's store; a store lost before or during the join (its
+        host, the controller, restarted) is reconnected and the same round joined again: the
+        other agents do the same, and the round's name is new to the restarted store."""
+        c = self.config
+        while True:
+            if self.store.lost and not self.store.wait_until_back(
+                    conf.join_timeout, lambda: self._stop_signal is not None):
+                if self._stop_signal is not None:
+                    raise _Stopped()
+                raise AgentError(f"the rendezvous store at {self.store.address[0]}:"
+                                 f"{self.store.address[1]} is gone and did not come back "
+                                 f"within {conf.join_timeout:.0f} s (join_timeout)")
+            try:
+                return join_round(self.store.rdzv, c.job_id, spec, conf, c.local_addr)
+            except RendezvousConnectionError as exc:
+                if self.store.hosting:
+                    raise
+                self.store.mark_lost(exc)
+
+    def _join_first(self):
         """(spec, (handler, info)) of the first round this agent joins; (None, None) when the
         job is done. A round of a directive that never forms (the old world kept its size, or
         the job finished meanwhile) is given up after twice ``ready_timeout_s``, and the
         choice is made again."""
         c = self.config
         while True:
-            spec = self._first_round(job_store)
+            spec = self._first_round()
             if spec is None:
                 return None, None
             conf = c.rdzv_conf if spec.generation == 0 else dataclasses.replace(
                 c.rdzv_conf, join_timeout=min(c.rdzv_conf.join_timeout, 2 * c.ready_timeout_s))
             try:
-                return spec, join_round(rdzv_store, c.job_id, spec, conf, c.local_addr)
+                return spec, self._join(spec, conf)
             except RendezvousTimeoutError:
                 if spec.generation == 0:
                     raise
                 log.warning("round %s did not form within %.0f s; looking again at what the "
                             "job needs", spec.run_id(c.job_id), conf.join_timeout)
 
-    def _rounds(self, rdzv_store, job_store) -> int:
+    def _rounds(self) -> int:
         c = self.config
-        spec, joined = self._join_first(rdzv_store, job_store)
+        spec, joined = self._join_first()
         if spec is None:
             log.info("job %s is done: this agent starts no workers", c.job_id)
             return 0
         self._start_heartbeat()
         restarts = 0
         while True:
-            handler, info = joined or join_round(rdzv_store, c.job_id, spec, c.rdzv_conf,
-                                                 c.local_addr)
+            handler, info = joined or self._join(spec, c.rdzv_conf)
             joined = None
             try:
-                job_store.set(FORMED_KEY, json.dumps({"generation": spec.generation,
-                                                      "attempt": spec.attempt,
-                                                      "nodes": info.world_size}))
-                if self._job_done(job_store):
+                self.store.remember(FORMED_KEY, json.dumps({"generation": spec.generation,
+                                                            "attempt": spec.attempt,
+                                                            "nodes": info.world_size}))
+                if self._job_done():
                     log.info("job %s finished while this round formed: this agent starts no "
                              "workers", c.job_id)
                     return 0
-                result = self._run_round(info, spec, restarts, job_store)
+                result = self._run_round(info, spec, restarts)
             finally:
                 try:
                     end_round(handler)
@@ -592,11 +597,9 @@ class Agent:
                 self._ensure_spares()   # warm up while the next rendezvous runs
             if result.outcome is Outcome.SUCCEEDED:
                 log.info("all workers finished: job %s done on this node", c.job_id)
-                try:   # for the agent that hosts the store: it must stay until all are done
-                    job_store.add(f"done/{spec.run_id(c.job_id)}", 1)
-                    job_store.set(FINAL_KEY, f"{spec.run_id(c.job_id)} {result.nodes}")
-                except (RuntimeError, OSError):
-                    pass
+                # For the agent that hosts the store: it must stay until all are done.
+                self.store.call(lambda s: s.add(f"done/{spec.run_id(c.job_id)}", 1))
+                self.store.remember(FINAL_KEY, f"{spec.run_id(c.job_id)} {result.nodes}")
                 return 0
             if result.outcome is Outcome.PARKED:
                 nxt = result.next_planned
@@ -640,15 +643,17 @@ class Agent:
         """Bump the job's ``alive`` counter every ``ALIVE_EVERY_S`` while this agent is in the
         job (in a round or joining one), over a store connection of its own: a node waiting
         to join tells from it whether any agent still runs the job."""
-        host, port = self._store_address
+        (host, port), prefix = self.store.address, self.store.prefix
 
         def beat():
             store = None
             while not self._heartbeat_stop.wait(ALIVE_EVERY_S):
                 try:
                     if store is None:
+                        with socket.create_connection((host, port), timeout=0.5):
+                            pass              # probe: a client that cannot connect logs a trace
                         store = dist.PrefixStore(
-                            f"adaptrun/agent/{self.config.job_id}/",
+                            prefix,
                             dist.TCPStore(host, port, None, False, timedelta(seconds=5),
                                           wait_for_workers=False))
                     store.add(ALIVE_KEY, 1)
@@ -657,12 +662,13 @@ class Agent:
                     self._heartbeat_stop.wait(2.0)
         threading.Thread(target=beat, name="adaptrun-heartbeat", daemon=True).start()
 
-    def _outlive_the_job(self, job_store) -> None:
+    def _outlive_the_job(self) -> None:
         """This agent hosts the rendezvous store: wait until every agent of the job's last
         round has finished before taking the store down (bounded by ``join_timeout``)."""
         c = self.config
         deadline = time.monotonic() + c.rdzv_conf.join_timeout
         logged = False
+        job_store = self.store.keys
         while time.monotonic() < deadline and self._stop_signal is None:
             try:
                 if job_store.check([FINAL_KEY]):
@@ -723,9 +729,10 @@ class Agent:
             w.discard()
 
     # -- one round ------------------------------------------------------------------------
-    def _run_round(self, info, spec: RoundSpec, restarts: int, job_store) -> _RoundResult:
+    def _run_round(self, info, spec: RoundSpec, restarts: int) -> _RoundResult:
         c = self.config
         round_store = info.store
+        run_id = spec.run_id(c.job_id)
         group_rank, nodes = info.rank, info.world_size
         # Every worker of a world must see the same TORCHELASTIC_RESTART_COUNT (the worker
         # library keys its process group by it): group rank 0's count is the world's.
@@ -734,11 +741,8 @@ class Agent:
         restart_count = int(round_store.get(RESTART_COUNT_KEY))
         order_rank = self._order_rank(round_store, group_rank, nodes)
         bsi = info.bootstrap_store_info
-        try:
-            committed = int(job_store.get(COMMITTED_KEY)) if job_store.check([COMMITTED_KEY]) \
-                else 0
-        except (RuntimeError, OSError, ValueError):
-            committed = 0
+        committed = self.store.call(lambda s: int(s.get(COMMITTED_KEY))
+                                    if s.check([COMMITTED_KEY]) else 0, 0)
         workers = WorkerGroup(self.wspec, group_rank, nodes, bsi.master_addr, bsi.master_port,
                               restart_count, committed_step=committed)
         parked, self._parked = self._parked, None
@@ -763,11 +767,8 @@ class Agent:
                 self.relay.pump()
                 if self.relay.last_step > committed:
                     committed = self.relay.last_step
-                    try:
-                        if not self._store_lost:
-                            job_store.set(COMMITTED_KEY, str(committed))
-                    except (RuntimeError, OSError):
-                        self._store_lost = True   # torch logs a trace per failed call
+                    self.store.remember(COMMITTED_KEY, str(committed))
+                self.store.reconnect()            # after its host restarted (no-op otherwise)
                 if self._retiring:
                     self._reap_retiring()
                 if (self._spares is None and c.standby_after_s >= 0
@@ -795,15 +796,16 @@ class Agent:
                     workers.stop()
                     outcome = workers.outcome()
                     break
-                if self._peer_failed(round_store):
+                if self._peer_failed(run_id):
                     peer_failed = True
                     outcome = Outcome.FAILED
                     break
                 d = self._latest_directive()
                 if d is not None and d.generation > state.written:
                     try:
-                        self._directive_step(d, state, job_store)
-                    except (RuntimeError, OSError) as exc:   # the rendezvous store is gone
+                        self._directive_step(d, state)
+                    except STORE_ERRORS as exc:   # the rendezvous store is gone
+                        self.store.mark_lost(exc)
                         log.debug("directive %d not handled yet: %s", d.generation, exc)
                 if (state.planned is not None or forwarded) and state.writer.saved_and_exiting():
                     early, outcome = True, Outcome.PLANNED   # every rank saved: go on
@@ -827,10 +829,8 @@ class Agent:
             if not peer_failed and workers.outcome() is Outcome.FAILED:
                 log.warning("workers failed (%s): telling the other agents",
                             workers.describe_failure())
-                try:
-                    round_store.set(FAILED_KEY, self.node)
-                except Exception:  # noqa: BLE001 - they will notice the failure anyway
-                    pass
+                # (if the store is gone, they notice the failure in their collectives anyway)
+                self.store.call(lambda s: s.set(FAILED_KEY.format(run_id), self.node))
             elif peer_failed:
                 log.warning("a peer agent reported a worker failure: stopping this node's "
                             "workers")
@@ -865,20 +865,10 @@ class Agent:
                         exc, group_rank)
             return group_rank
 
-    def _peer_failed(self, round_store) -> bool:
-        if self._store_lost:
-            return False            # no store to ask (and each failed call logs a trace)
-        try:
-            return round_store.check([FAILED_KEY])
-        except (RuntimeError, OSError) as exc:
-            # The store is gone (its host ended): keep watching our own workers.
-            if not self._store_lost:
-                log.warning("lost the rendezvous store (%s); the workers go on, but this agent "
-                            "cannot re-form them", exc)
-                self._store_lost = True
-            return False
+    def _peer_failed(self, run_id: str) -> bool:
+        return bool(self.store.call(lambda s: s.check([FAILED_KEY.format(run_id)]), False))
 
-    def _directive_step(self, d, st: "_DirectiveState", job_store) -> None:
+    def _directive_step(self, d, st: "_DirectiveState") -> None:
         """Write directive ``d`` into the workers' store when it is time to.
 
         A batch-only change is written at once (by every agent: the same bytes). A re-form
@@ -896,15 +886,15 @@ class Agent:
             if st.order_rank < target and d.generation not in st.announced:
                 self._ensure_spares()
                 if self._spares_ready():
-                    job_store.add(f"g{d.generation}/warm", 1)
+                    self.store.keys.add(f"g{d.generation}/warm", 1)
                     st.announced.add(d.generation)
             if st.group_rank != 0:
                 return                      # rank 0 writes it; we only get ready
             with self._lock:
                 seen = self._directive_seen_s.get(d.generation, time.monotonic())
             waited = time.monotonic() - seen
-            joiners = int(job_store.add(f"g{d.generation}/joiners", 0))
-            warm = int(job_store.add(f"g{d.generation}/warm", 0))
+            joiners = int(self.store.keys.add(f"g{d.generation}/joiners", 0))
+            warm = int(self.store.keys.add(f"g{d.generation}/warm", 0))
             ready = joiners >= max(0, target - nodes) and warm >= min(nodes, target)
             if not ready and waited < c.ready_timeout_s:
                 return                      # keep training until the next world can start

@@ -42,30 +42,15 @@ from pathlib import Path
 from workers import harness
 
 CLI = [sys.executable, "-m", "adaptrun.cli"]
-KNOWN_BUG = (
-    "after kill -9 and restart of the controller (same ports, same --state-dir), training goes "
-    "on but each agent logs 'lost the rendezvous store (Connection reset by peer); the workers "
-    "go on, but this agent cannot re-form them': its TCPStore client never reconnects. The next "
-    "fault that needs a re-form (a worker or agent kill, a resize) ends the agent in join_round "
-    "with RendezvousConnectionError ('DistNetworkError: Broken pipe'): the job is over. A "
-    "client that reconnects (tried, not kept) exposes the next problem: the restarted store is "
-    "empty, so a get() of a key the agent wrote before (formed, restart_count) blocks for the "
-    "store timeout, and an agent restarted then joins <job>-g<N>-a0 that never forms. "
-    "Controller kills come last in the plan (ADAPTRUN_CHAOS_ANY_ORDER=1 lifts that).")
 JOB = "cj"
 KINDS = ("worker", "agent", "controller", "resize")
 MAX_NODES = 3
-# What the CI test draws from: every kind but the controller's kill (KNOWN_BUG).
-SURVIVED_KINDS = ("worker", "agent", "resize")
+# What the CI test draws from: every kind.
+SURVIVED_KINDS = KINDS
 
 
 class ChaosError(AssertionError):
-    """The job did not survive a fault (the message holds the logs' tails); ``known`` names a
-    known bug that explains it."""
-
-    def __init__(self, message: str, known: str = ""):
-        super().__init__(message)
-        self.known = known
+    """The job did not survive a fault (the message holds the logs' tails)."""
 
 
 @dataclass
@@ -362,9 +347,6 @@ class ChaosRun:
         while len(plan) < self.faults:
             plan.append(self.rng.choice(self.kinds))
         plan = plan[:self.faults]
-        if os.environ.get("ADAPTRUN_CHAOS_ANY_ORDER") != "1":
-            # Around a known bug (KNOWN_BUG): controller kills come last.
-            plan.sort(key=lambda kind: kind == "controller")
         plan = list(self.plan) if self.plan is not None else plan
         try:
             self.pace.write_text(str(self.pace_s))
@@ -384,12 +366,8 @@ class ChaosRun:
                 if kill is None:
                     continue
                 kills.append(kill)
-                try:
-                    self._wait(lambda: self._trains(kill.t, kill.nodes_after),
-                               self.fault_timeout_s, f"the job to train again after {kill}")
-                except ChaosError as exc:
-                    after_ctl = any(k.kind == "controller" for k in kills[:-1])
-                    raise ChaosError(str(exc), KNOWN_BUG if after_ctl else "") from None
+                self._wait(lambda: self._trains(kill.t, kill.nodes_after),
+                           self.fault_timeout_s, f"the job to train again after {kill}")
             self.pace.write_text("0")
             end = time.monotonic() + self.finish_timeout_s
             while time.monotonic() < end and any(p.poll() is None for p in
