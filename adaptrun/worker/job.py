@@ -99,12 +99,10 @@ class Job:
         dirs = [self.local_dir, self.persistent_dir] if self.snapshots_on else []
         for d in self._snapshot_targets():      # writes a killed process left unfinished
             checkpoint.clean_temp(d)
-        _T('restore start')
         agreed: dict = {}
         found = exchange_newest(self.world.rank, self.world.world_size, dirs, agreed=agreed)
         # Every rank holds the same state now (or none has any): DDP need not broadcast it.
         self.state_in_sync = agreed.get("step", -1) >= 0
-        _T('restore got')
         if found is not None:
             self.registry.restored, self.registry.restored_from = found
             self.restored_step = int(found[0]["step"])
@@ -211,7 +209,6 @@ class Job:
         return running, waited
 
     def reform_in_process(self) -> None:
-        _T('park start')
         """A planned re-form under adaptrun's agent: keep this process and its state.
 
         Every rank passes a barrier, rank 0 marks the world ``parked`` in its store (kept up
@@ -232,9 +229,7 @@ class Job:
                 {"step": self.state.step, "epoch": self.state.epoch, "parked": True}))
         self._parked_store = store
         distributed.shutdown()
-        _T('parked')
         msg = self.channel.receive(self.world.timeout_s)
-        _T('env received')
         if msg is None:
             sys.stderr.write("adaptrun: the agent went away during a re-form; exiting\n")
             raise SystemExit(1)
@@ -246,14 +241,11 @@ class Job:
             raise SystemExit(code)
         os.environ.update({k: str(v) for k, v in msg["env"].items()})
         distributed.form_world(self.world.backend, self.world.timeout_s, into=self.world)
-        _T('formed')
         exchange_newest(self.world.rank, self.world.world_size, [], memory=(
             self.state.step, lambda: snapshot_of(self.registry, self.state.step,
                                                  self.state.epoch)))
-        _T('sent')
         if self.parallel is not None:
             self.parallel._rebuild()
-        _T('rebuilt')
         self._measure_resize_gap()        # the new world's first step comes next
 
     def _measure_resize_gap(self) -> None:
@@ -403,8 +395,3 @@ def register_state(name: str, obj) -> None:
 def restored_step() -> int | None:
     """The step of the snapshot this process restored, or None when it started afresh."""
     return current("adaptrun.restored_step").restored_step
-
-
-def _T(what):
-    import time as _t, os as _o
-    sys.stderr.write(f'TRACE {_t.time():.3f} pid {_o.getpid()} {what}\n'); sys.stderr.flush()
