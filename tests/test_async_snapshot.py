@@ -5,7 +5,7 @@ Each case runs ``train.py`` below in a fresh interpreter, alone (world of one, g
 ``ADAPTRUN_SNAPSHOT_DIR`` set so that snapshots are on. The script may wrap
 ``checkpoint.write`` (argv[1]):
 
-- ``slow``: every snapshot's serialization (``torch.save``) starts 0.3 s late, so the next
+- ``slow``: every background snapshot's serialization (``torch.save``) starts 0.3 s late, so the next
   steps run (and mutate the model and Adam's moments in place) before it reads the copy;
 - ``stall``: the write of step ``STALL_STEP`` puts half its bytes in a temporary file, as a
   write cut short would, then hangs until the test kills the process with SIGKILL;
@@ -43,15 +43,20 @@ TRAIN = textwrap.dedent('''
 
     if mode == "slow":
         import adaptrun.worker.job as job
-        encode = job.encode_snapshot
+        save = job.save_snapshot
 
-        def late_encode(snapshot):
+        def late_save(snapshot, f):
             time.sleep(0.3)           # the next steps mutate the model before torch.save
-            return encode(snapshot)
-        job.encode_snapshot = late_encode
+            return save(snapshot, f)
+        job.save_snapshot = late_save
 
     def write(directory, step, data, keep=2):
         if mode == "stall" and step == int(os.environ["STALL_STEP"]):
+            if callable(data):        # a background write streams into the file
+                import io
+                buf = io.BytesIO()
+                data(buf)
+                data = buf.getvalue()
             import tempfile
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snapshot-", suffix=".tmp")
             os.write(fd, data[:len(data) // 2])

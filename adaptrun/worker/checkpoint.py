@@ -38,14 +38,19 @@ def persistent_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def write(directory: Path, step: int, data: bytes, keep: int = 2) -> Path:
-    """Write one snapshot atomically; drop all but the newest ``keep``."""
+def write(directory: Path, step: int, data, keep: int = 2) -> Path:
+    """Write one snapshot atomically; drop all but the newest ``keep``. ``data``: its bytes,
+    or a function that writes them into the open file (a snapshot streamed from a background
+    thread: the file writes release the GIL, a build in memory first would hold it)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"snapshot-{step:012d}.pt"
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snapshot-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

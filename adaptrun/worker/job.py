@@ -46,7 +46,7 @@ from . import distributed
 from .distributed import WorldInfo
 from .errors import MissingStateError, NotInitializedError
 from .state import (RNGState, StateRegistry, detached_copy, encode, encode_snapshot,
-                    exchange_newest, snapshot_of)
+                    exchange_newest, save_snapshot, snapshot_of)
 
 __all__ = ["init", "Job", "JobState", "current", "register_state", "on_world_formed"]
 
@@ -179,13 +179,15 @@ class Job:
         return targets
 
     @staticmethod
-    def _write(data: bytes, step: int, targets: list) -> None:
+    def _write(data, step: int, targets: list) -> None:
         for d in targets:
             checkpoint.write(d, step, data)
 
     def _write_in_background(self, snap: dict, step: int, targets: list) -> None:
         try:
-            self._write(encode_snapshot(snap), step, targets)
+            # Streamed into the file: torch.save into memory first would hold the GIL for
+            # the whole copy, and the training thread would wait on it.
+            self._write(lambda f: save_snapshot(snap, f), step, targets)
         except BaseException as exc:  # noqa: BLE001 - raised on the main thread at the join
             self._writer_error = exc
 

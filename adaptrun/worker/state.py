@@ -39,7 +39,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .errors import SnapshotCorruptError, SnapshotMismatchError, StateRegistryError
 
-__all__ = ["StateRegistry", "RNGState", "fingerprint", "encode", "encode_snapshot",
+__all__ = ["StateRegistry", "RNGState", "fingerprint", "encode", "encode_snapshot", "save_snapshot",
            "detached_copy", "decode", "exchange_newest", "SNAPSHOT_FORMAT"]
 
 SNAPSHOT_FORMAT = 1
@@ -180,10 +180,15 @@ def _copy(obj, memo: dict):
     return copy.deepcopy(obj)
 
 
+def save_snapshot(snapshot: dict, f) -> None:
+    """Write a snapshot dict (``snapshot_of`` or its ``detached_copy``) into file ``f``."""
+    torch.save(snapshot, f)
+
+
 def encode_snapshot(snapshot: dict) -> bytes:
     """The bytes of a snapshot dict (``snapshot_of`` or its ``detached_copy``)."""
     buf = io.BytesIO()
-    torch.save(snapshot, buf)
+    save_snapshot(snapshot, buf)
     return buf.getvalue()
 
 
