@@ -13,10 +13,12 @@ What it does each optimizer step (no extra backward, one tiny extra all-reduce):
   Adam-family optimizers (state ``exp_avg_sq``) are measured on the preconditioned gradient
   g / (sqrt(v / (1 - beta2^t)) + eps) (``gns.precondition``'s formula, in torch), computed in
   cache-sized chunks as it goes: no model-sized temporary or stored preconditioner.
-- Just before ``optimizer.step()`` (an optimizer pre-hook) one all-reduce of a few floats sums
-  the local small-batch norms, the SIGTERM flags and rank 0's pending directive, so every rank
-  holds the same numbers. ``gns.unbiased_estimates`` turns them into |G|^2 and tr(Sigma), which
-  the ``gns.GNSState`` EMA smooths (regular steps only: equal micro-batches on every rank).
+- Once per step the ranks sum a few floats: the local small-batch norms, the SIGTERM flags and
+  rank 0's pending directive, so every rank holds the same numbers. The sum is launched behind
+  the step's last gradient bucket (``GradBucket.is_last``) on the same group, and
+  ``optimizer.step()``'s pre-hook waits on it: no blocking round trip of its own.
+  ``gns.unbiased_estimates`` turns them into |G|^2 and tr(Sigma), which the ``gns.GNSState``
+  EMA smooths (regular steps only: equal micro-batches on every rank).
 - The scaling rule's factor for scale = global_batch / B0 and the gain r (``efficiency.gain``)
   multiplies each param group's LR for the step only: the user's value is put back after the
   step, so the user's scheduler keeps working on its own LR. ``progress`` adds r per step.
@@ -95,6 +97,8 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._gain = 1.0
         self._lr_factor = 1.0
         self._user_lrs: list[float] = []
+        self._pg = dist.distributed_c10d._get_default_group()
+        self._agreed = None           # (vector, work) of this step's agreement in flight
         self._offer = None            # rank 0: directive read from the store, not yet shared
         self._pending = None          # every rank: directive to apply at the next boundary
         self._reform_at: int | None = None
@@ -148,6 +152,8 @@ class AdaptiveDataParallel(torch.nn.Module):
         # The re-form just gave every rank the newest state: no start-up broadcast.
         self.ddp = DistributedDataParallel(model, **{"init_sync": False, **self._ddp_kwargs})
         self.ddp.register_comm_hook(None, self._comm_hook)
+        self._pg = dist.distributed_c10d._get_default_group()
+        self._agreed = None
         self._prev.clear()
         self._step_times.clear()
         self._sync_times.clear()
@@ -333,7 +339,14 @@ class AdaptiveDataParallel(torch.nn.Module):
             if bucket.index() == 0:
                 self._small_count += 1
         buf.mul_(self._weight)
-        fut = dist.all_reduce(buf, async_op=True).get_future()
+        pg = self._pg
+        fut = pg.allreduce([buf]).get_future()
+        if bucket.is_last():
+            # The per-step agreement rides behind the last bucket on the same group (gloo and
+            # NCCL run a group's collectives in order), instead of a blocking all-reduce of
+            # its own after the backward: _before_step waits on it, by then long done.
+            vec = self._agreement()
+            self._agreed = (vec, pg.allreduce([vec]))
 
         def done(f):
             reduced = f.value()[0]
@@ -360,18 +373,29 @@ class AdaptiveDataParallel(torch.nn.Module):
         if d is not None and d.generation > self._generation:
             self._offer = d
 
-    def _before_step(self) -> None:
+    def _agreement(self) -> torch.Tensor:
+        """What the ranks sum once per step: this rank's small-batch norms, its SIGTERM flag
+        and (rank 0) the directive it offers."""
         self._poll_directive()
+        return torch.tensor([float(self._small_sum), float(self._small_count),
+                             1.0 if self._job.term_requested else 0.0]
+                            + directive_mod.to_vector(self._offer if self._world.rank == 0
+                                                      else None), dtype=torch.float64)
+
+    def _before_step(self) -> None:
         world = self._world
-        vec = torch.tensor([float(self._small_sum), float(self._small_count), float(self._big_sqr),
-                            1.0 if self._job.term_requested else 0.0]
-                           + directive_mod.to_vector(self._offer if world.rank == 0 else None),
-                           dtype=torch.float64)
-        if world.world_size > 1:
-            dist.all_reduce(vec)
-        small_sum, small_count, big_sqr, term = (float(x) for x in vec[:4])
-        big_sqr /= world.world_size
-        offered = directive_mod.from_vector(vec[4:])
+        if self._agreed is not None:            # launched behind the last gradient bucket
+            vec, work = self._agreed
+            self._agreed = None
+            work.wait()
+        else:                                    # no bucket reduced this step (or a world of 1)
+            vec = self._agreement()
+            if world.world_size > 1:
+                dist.all_reduce(vec)
+        small_sum, small_count, term = (float(x) for x in vec[:3])
+        # The averaged gradient is the same on every rank: its norm needs no reduction.
+        big_sqr = float(self._big_sqr)
+        offered = directive_mod.from_vector(vec[3:])
         if offered is not None and offered.generation > self._generation:
             self._pending = offered
         if term > 0:
