@@ -3,6 +3,7 @@
     python benchmarks/resize_gap.py                    # ~3 min on a 2-core machine
     python benchmarks/resize_gap.py --repeats 3
     python benchmarks/resize_gap.py --with-defaults    # + torchrun's default rdzv conf (slow)
+    python benchmarks/resize_gap.py --model big --params 100e6   # real-sized state (~6 min)
 
 Gap = wall time from rank 0's last optimizer step of the old world to its first step of the new
 one (the "t" of tests/workers/lsq_worker.py's step lines). The new world is the one whose rank 0
@@ -21,6 +22,11 @@ without counting a restart while the failed node's counts one: the same mismatch
 until the workers' ADAPTRUN_TIMEOUT_S=60).
 Worker: tests/workers/lsq_worker.py (``--samples 20000 --batch 24 --epochs 3 --step-sleep
 --step-sleep``), gloo, 127.0.0.1, OMP_NUM_THREADS=1, library default snapshot every 50 steps.
+``--model big``: tests/workers/big_worker.py instead, an MLP of ``--params`` parameters under
+Adam (12 bytes of state per parameter per rank: 1.2 GB at 100 M), fixed batch 8, a step of
+seconds, snapshots every 10 steps on both sides. Printed beside the gaps: the time of one copy
+of that state from one process to another over gloo on 127.0.0.1 (a broadcast), the least a
+joiner's hand-off can cost, and each gap less one step of the new world over it.
 
 (a) adaptrun: an in-process ``Controller`` + ``LocalActuator`` + a TCPStore hosted here as the
     rendezvous endpoint, wired as ``adaptrun run`` does (controller/local_run.py), agents
@@ -51,6 +57,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,7 +129,7 @@ def wait_after_kill(out: Path, t_kill: float, live, logs, args) -> tuple[float, 
     """The kill's (gap, steps redone); (inf, None) when the world of 2 did not train again
     within --kill-timeout s (the processes still run: a hang, not a crash)."""
     try:
-        wait_new_world(out, 2, t_kill, 10, args.kill_timeout, live, logs)
+        wait_new_world(out, 2, t_kill, args.count, args.kill_timeout, live, logs)
     except Hung:
         return math.inf, None
     return gap(ovh.read_rows(out), 2, 2, t_kill)
@@ -150,9 +157,61 @@ def rank1_worker_pid(out: Path, after_t: float, owners) -> int:
     return pid
 
 
+BIG_WORKER = ovh.REPO / "tests" / "workers" / "big_worker.py"
+
+
+def worker(args) -> Path:
+    return BIG_WORKER if args.model == "big" else ovh.ADAPTIVE_WORKER
+
+
 def worker_args(out: Path, args) -> list[str]:
-    return ["--samples", "20000", "--batch", "24", "--epochs", "3",
+    if args.model == "big":
+        return ["--params", args.params, "--samples", "4000", "--batch", str(args.batch),
+                "--out", str(out)]
+    return ["--samples", "20000", "--batch", str(args.batch), "--epochs", "3",
             "--step-sleep", str(args.step_sleep), "--out", str(out)]
+
+
+def worker_env(args, **extra) -> dict:
+    if args.model == "big":
+        extra.setdefault("ADAPTRUN_SNAPSHOT_EVERY", "10")
+    return ovh.base_env(**extra)
+
+
+COPY = r"""
+import sys, time, torch, torch.distributed as dist
+from datetime import timedelta
+rank, port, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(1)
+store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=60))
+dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+t = torch.ones(n, dtype=torch.float32) if rank == 0 else torch.empty(n, dtype=torch.float32)
+dist.barrier()
+t0 = time.perf_counter()
+dist.broadcast(t, src=0)
+dist.barrier()
+if rank == 1:
+    print(time.perf_counter() - t0)
+dist.destroy_process_group()
+"""
+
+
+def one_copy_s(numbers: int) -> float:
+    """Seconds to broadcast ``numbers`` float32 from one process to another over gloo."""
+    port = ovh.free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", COPY, str(r), str(port), str(numbers)],
+                              stdout=subprocess.PIPE, text=True, env=ovh.base_env())
+             for r in (0, 1)]
+    out = [p.communicate(timeout=300)[0] for p in procs]
+    return float(out[1].strip())
+
+
+def step_s(rows: list[dict], world: int) -> float:
+    """The median step of rank 0 in worlds of ``world`` ranks."""
+    ts = sorted(r["t"] for r in rows if r.get("event") == "step" and r["rank"] == 0
+                and r["world"] == world)
+    gaps = [b - a for a, b in zip(ts, ts[1:])]
+    return statistics.median(gaps) if gaps else math.nan
 
 
 # ---- (a) adaptrun agent + controller ------------------------------------------------------
@@ -180,14 +239,14 @@ def run_adaptrun(tmp: Path, tag: str, args, kill: bool) -> dict:
                 "--nproc-per-node", "1", "--nnodes", "2" if kill else "1:2",
                 "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--local-addr", "127.0.0.1",
                 "--max-restarts", "5", "--min-workers", str(n), "--max-workers", str(n),
-                "--init-batch", "24", "--max-global-batch", "24",
-                "--local-batch-min", "1", "--local-batch-max", "24",
+                "--init-batch", str(args.batch), "--max-global-batch", str(args.batch),
+                "--local-batch-min", "1", "--local-batch-max", str(args.batch),
                 "--snapshot-dir", str(out / f"snap-{node}"),
-                "--", sys.executable, str(ovh.ADAPTIVE_WORKER), *wargs]
+                "--", sys.executable, str(worker(args)), *wargs]
 
     # TMPDIR: the agents' work dirs land under ours and go with it.
     actuator = LocalActuator(agent_command=command, log_dir=out,
-                             env=ovh.base_env(TMPDIR=out / "tmp"), stop_grace_s=3.0)
+                             env=worker_env(args, TMPDIR=out / "tmp"), stop_grace_s=3.0)
     ctl = None
     logs = lambda: sorted(out.glob("agent-*.log"))  # noqa: E731
     agents = lambda: [p for _, p in actuator.agents(job)]  # noqa: E731
@@ -196,7 +255,7 @@ def run_adaptrun(tmp: Path, tag: str, args, kill: bool) -> dict:
         ctl = holder["ctl"] = Controller(ControllerConfig(
             policy_interval_s=0.5, tick_s=0.05, metrics_port=None), actuator=actuator).start()
         actuator.set_workers(job, n)
-        first = wait_new_world(out, n, 0, 10, 90, agents, logs)
+        first = wait_new_world(out, n, 0, args.count, 180, agents, logs)
         deadline = time.monotonic() + 30
         while (j := ctl.core.registry.job(job)) is None or j.last_report is None:
             if time.monotonic() > deadline:
@@ -214,14 +273,15 @@ def run_adaptrun(tmp: Path, tag: str, args, kill: bool) -> dict:
             # scale-up: the actuator starts agent n1 inside set_bounds
             t = time.time()
             ctl.core.set_bounds(job, 2, 2)
-            wait_new_world(out, 2, t, 10, 90, agents, logs)
+            wait_new_world(out, 2, t, args.count, 180, agents, logs)
             res["up"] = gap(ovh.read_rows(out), 1, 2, t)
             # scale-down: agent n1 leaves by itself (exit 0); n0 must stay
             stay = agents()[:1]
             t = time.time()
             ctl.core.set_bounds(job, 1, 1)
-            wait_new_world(out, 1, t, 5, 90, lambda: stay, logs)
+            wait_new_world(out, 1, t, min(5, args.count), 180, lambda: stay, logs)
             res["down"] = gap(ovh.read_rows(out), 2, 1, t)
+            res["steps"] = {w: step_s(ovh.read_rows(out), w) for w in (1, 2)}
         jb = ctl.core.registry.job(job)
         res[f"info-{'kill' if kill else 'resize'}"] = \
             f"{'kill' if kill else 'resize'} job: directives {jb.generation}, resizes {jb.resizes}"
@@ -248,17 +308,17 @@ def run_torchrun(rdzv_conf: str | None, tmp: Path, tag: str, args, kill: bool) -
     slow = 150 if rdzv_conf is None else 60
 
     def node(i: int):
-        env = ovh.base_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
-                           ADAPTRUN_SNAPSHOT_DIR=out / f"snap{i}")
+        env = worker_env(args, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+                         ADAPTRUN_SNAPSHOT_DIR=out / f"snap{i}")
         logs.append(out / f"node{i}.log")
-        return ovh.start(ovh.torchrun("1:3", 1, port, f"gap-{tag}", ovh.ADAPTIVE_WORKER, wargs,
+        return ovh.start(ovh.torchrun("1:3", 1, port, f"gap-{tag}", worker(args), wargs,
                                       rdzv_conf=rdzv_conf, max_restarts=5), env, logs[-1])
 
     res: dict = {}
     try:
         if kill:
             procs += [node(0), node(1)]
-            first = wait_new_world(out, 2, 0, 10, slow, lambda: procs, lambda: logs)
+            first = wait_new_world(out, 2, 0, args.count, slow, lambda: procs, lambda: logs)
             time.sleep(max(0.0, first[0]["t"] + args.kill_after - time.time()))
             pid = rank1_worker_pid(out, 0, lambda: procs)
             t = time.time()
@@ -266,16 +326,18 @@ def run_torchrun(rdzv_conf: str | None, tmp: Path, tag: str, args, kill: bool) -
             res["kill"] = wait_after_kill(out, t, lambda: procs, lambda: logs, args)
         else:
             procs.append(node(0))
-            wait_new_world(out, 1, 0, 10, slow, lambda: procs, lambda: logs)
+            wait_new_world(out, 1, 0, args.count, slow, lambda: procs, lambda: logs)
             t = time.time()
             procs.append(node(1))
-            wait_new_world(out, 2, t, 10, slow, lambda: procs, lambda: logs)
+            wait_new_world(out, 2, t, args.count, slow, lambda: procs, lambda: logs)
             res["up"] = gap(ovh.read_rows(out), 1, 2, t)
             t = time.time()
             os.killpg(procs[1].pid, signal.SIGTERM)     # torchrun stops its workers itself
             procs[1].wait(timeout=90)
-            wait_new_world(out, 1, t, 5, slow, lambda: procs[:1], lambda: logs)
+            wait_new_world(out, 1, t, min(5, args.count), slow, lambda: procs[:1],
+                           lambda: logs)
             res["down"] = gap(ovh.read_rows(out), 2, 1, t)
+            res["steps"] = {w: step_s(ovh.read_rows(out), w) for w in (1, 2)}
     finally:
         for p in procs:
             ovh.stop(p)
@@ -298,8 +360,9 @@ def print_table(results: dict, args) -> None:
     cols = [("a", "(a) adaptrun agent"), ("b", "(b) torchrun tuned")]
     if "c" in results:
         cols.append(("c", "(c) torchrun defaults"))
-    print(f"\n## Resize gaps, lsq_worker (step sleep {args.step_sleep * 1e3:.0f} ms), "
-          f"median [min..max] over {args.repeats} run(s)")
+    what = (f"big_worker ({float(args.params) / 1e6:.0f} M parameters, Adam)"
+            if args.model == "big" else f"lsq_worker (step sleep {args.step_sleep * 1e3:.0f} ms)")
+    print(f"\n## Resize gaps, {what}, median [min..max] over {args.repeats} run(s)")
     hdr = f"{'scenario':<27}" + "".join(f" {label:>24}" for _, label in cols[:2]) \
         + f" {'ratio b/a':>9}" + "".join(f" {label:>24}" for _, label in cols[2:])
     print(hdr)
@@ -317,8 +380,8 @@ def print_table(results: dict, args) -> None:
         for k, _ in cols[2:]:
             line += f" {spread(vals[k], args):>24}"
         print(line)
-    print("steps redone (old world's last step - restored step; library default snapshot "
-          "every 50 steps):")
+    print(f"steps redone (old world's last step - restored step; a snapshot every "
+          f"{10 if args.model == 'big' else 50} steps):")
     for sc, label in SCENARIOS:
         print(f"  {label:<27}" + ", ".join(
             f"{k} {[r[sc][1] for r in results[k] if sc in r]}" for k, _ in cols))
@@ -340,7 +403,15 @@ def main() -> None:
                     help="after the kill, wait this long for the new world's steps (the "
                          "workers' ADAPTRUN_TIMEOUT_S is 60)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    ap.add_argument("--model", choices=["lsq", "big"], default="lsq",
+                    help="big: an MLP of --params parameters under Adam (real-sized state)")
+    ap.add_argument("--params", default="100e6", help="--model big: parameters")
     args = ap.parse_args()
+    big = args.model == "big"
+    args.batch = 8 if big else 24
+    args.count = 3 if big else 10
+    if big:
+        args.kill_timeout = max(args.kill_timeout, 240.0)
 
     atexit.register(ovh._cleanup)
     signal.signal(signal.SIGTERM, ovh._on_signal)
@@ -372,6 +443,8 @@ def main() -> None:
                 results["c"].append(r)
                 print(f"  run {i + 1}: (c) " + fmt(r), flush=True)
         print_table(results, args)
+        if big:
+            print_big_state(results, args, one_copy_s(int(float(args.params)) * 3))
         print(f"\ntotal {time.monotonic() - t0:.0f} s, load avg now "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
               + (f"; logs in {tmp}" if args.keep else ""))
@@ -379,6 +452,27 @@ def main() -> None:
         ovh._cleanup()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_big_state(results: dict, args, copy_s: float) -> None:
+    """Each planned gap less one step of the new world, over one copy of the state."""
+    mb = float(args.params) * 12 / 1e6
+    print(f"\n## Real-sized state: {float(args.params) / 1e6:.0f} M parameters under Adam = "
+          f"{mb:.0f} MB per rank; one copy of it over gloo (broadcast, 2 processes): "
+          f"{copy_s:.2f} s")
+    print(f"{'scenario':<28}" + "".join(f"{n:>34}" for n in ("(a) adaptrun", "(b) torchrun tuned")))
+    for sc, label, world in (("up", "scale-up 1->2", 2), ("down", "scale-down 2->1", 1),
+                             ("kill", "kill -9 one worker (2->2)", 2)):
+        cells = []
+        for col in ("a", "b"):
+            xs = [(r[sc][0] - r["steps"][world]) for r in results[col]
+                  if sc in r and "steps" in r and not math.isinf(r[sc][0])]
+            if not xs:
+                cells.append("n/a")
+                continue
+            g = statistics.median(xs)
+            cells.append(f"{g:.2f} s less a step = {g / copy_s:.1f} copies")
+        print(f"{label:<28}" + "".join(f"{c:>34}" for c in cells))
 
 
 def fmt(r: dict) -> str:

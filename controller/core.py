@@ -27,6 +27,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import grpc
 
@@ -49,7 +50,8 @@ class ControllerConfig:
     host: str = "127.0.0.1"
     port: int = 0                       # 0: any free port (the server reports it)
     metrics_port: int | None = 0        # None: no /metrics server
-    max_threads: int = 64               # gRPC handler threads; each open stream holds one
+    max_threads: int = 64               # threads for blocking work (SetBounds runs the policy)
+    max_concurrent_rpcs: int = 65536    # calls in progress at once; beyond, RESOURCE_EXHAUSTED
     policy_interval_s: float = 5.0      # cadence of each job's policy
     tick_s: float = 0.25                # how often the policy loop looks for due jobs
     report_interval_s: float = 2.0      # what agents are asked for
@@ -84,6 +86,9 @@ class ControllerCore:
         self.clock = clock
         self.registry = JobRegistry(config.max_jobs)
         self.rdzv_endpoint = ""           # the store the server hosts, as agents are told
+        # Called with the job id after every new directive, from the issuing thread, outside
+        # the job's locks (the gRPC service wakes that job's directive streams with it).
+        self.directive_listeners: list[Callable[[str], None]] = []
         self._wanted_time_s: dict[str, float] = {}   # job -> last widened-bounds policy ask
         bind = getattr(actuator, "bind", None)   # its notices and bounds come from here
         if bind is not None:
@@ -264,7 +269,8 @@ class ControllerCore:
 
     # -- decisions -----------------------------------------------------------------------
     def issue_directive(self, job: Job, config: Config, reason: str) -> Directive:
-        """Make ``config`` the job's directive, with the next generation; wake watchers."""
+        """Make ``config`` the job's directive, with the next generation; wake watchers
+        (``job.changed``'s waiters and every ``directive_listeners`` callback)."""
         with job.changed:
             job.generation += 1
             d = Directive(job.job_id, job.generation, config.replicas, config.global_batch,
@@ -274,6 +280,11 @@ class ControllerCore:
             job.last_decision = reason
             job.changed.notify_all()
         self._changed(job)
+        for listener in list(self.directive_listeners):
+            try:
+                listener(job.job_id)
+            except Exception:  # noqa: BLE001 - a listener's bug must not undo the decision
+                log.exception("a directive listener failed for job %s", job.job_id)
         return d
 
     def _awaiting_directive(self, job: Job, now: float) -> bool:

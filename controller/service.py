@@ -1,12 +1,22 @@
 """The gRPC face of the controller: ``adaptrun.v1.Controller`` mapped onto ``ControllerCore``.
 
+The handlers are asyncio coroutines run by a ``grpc.aio`` server on one event loop
+(``server.py``): an open stream is a suspended coroutine, not a thread, so 10,000 agents
+with two streams each cost memory, not threads. Work that is quick (registering, ingesting a
+report, reading a job) runs on the loop; work that may block (``SetBounds`` runs the job's
+policy; ``ListJobs`` walks every job; a registration that waits to join takes the job's
+policy lock) runs on the server's executor (``ControllerConfig.max_threads`` threads).
+
 Requests are parsed by ``validation.parse_message`` (never raising), so a malformed or
 oversize request ends its call with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and a message that
 says why, instead of gRPC's opaque INTERNAL. A report stream belongs to the agent named by
 the ``adaptrun-agent-id`` metadata (from ``Register``); its first bad report ends that stream
 only. A directive stream sends the job's current directive at once when its generation is
->= the agent's ``last_generation``, then every newer one; it holds one server thread while
-open.
+>= the agent's ``last_generation``, then every newer one: ``ControllerCore.issue_directive``
+calls the service's listener from any thread, which wakes the job's streams on the loop
+(``call_soon_threadsafe``). An agent holds at most ``MAX_WATCHES_PER_AGENT`` directive
+streams; a newer one ends its oldest with RESOURCE_EXHAUSTED (a flood of streams stays
+bounded, and an agent whose old connection died unseen is never locked out).
 
 Callers. Every call of this service first shows what its token opens (``auth.ServerSecurity
 .principal``, one place: ``_caller``); no valid token ends it with UNAUTHENTICATED, a token
@@ -17,9 +27,13 @@ with job_id ''. Without tokens configured every caller may do everything.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections import deque
+from concurrent.futures import Executor
 
 import grpc
+import grpc.aio
 
 from adaptrun.generated import control_plane_pb2 as pb
 
@@ -71,48 +85,139 @@ def job_status(job: Job, now_s: float, desired_workers: int | None) -> pb.JobSta
     return s
 
 
+class _Watch:
+    """One open directive stream: woken by a new directive of its job, by ``stop()`` or by a
+    newer stream of the same agent (``superseded``)."""
+    __slots__ = ("job_id", "agent_id", "wake", "superseded")
+
+    def __init__(self, job_id: str, agent_id: str):
+        self.job_id = job_id
+        self.agent_id = agent_id
+        self.wake = asyncio.Event()
+        self.superseded = False
+
+
 class ControllerService:
+    """The five RPCs as asyncio handlers, served by a ``grpc.aio`` server on one event loop.
+
+    ``bind(loop)`` (on that loop, before the server starts) hooks the service to the core's
+    directive listeners; ``wake_all()`` (on the loop) ends the directive streams when
+    ``stopping`` is set. Blocking work goes to ``executor``."""
+
+    # Directive streams one agent may hold open at once (it needs one; a reconnect whose old
+    # connection the server has not seen die yet makes two). A newer stream ends the oldest.
+    MAX_WATCHES_PER_AGENT = 8
+
     def __init__(self, core: ControllerCore, stopping: threading.Event,
-                 security: ServerSecurity = PLAINTEXT):
+                 security: ServerSecurity = PLAINTEXT, executor: Executor | None = None):
         self.core = core
         self.stopping = stopping
         self.security = security
+        self.executor = executor
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watches: dict[str, set[_Watch]] = {}          # job id -> its open streams
+        self._agent_watches: dict[str, deque[_Watch]] = {}  # agent id -> its, oldest first
 
-    def _refuse(self, ctx, code: grpc.StatusCode, message: str):
+    # -- the event loop's side -----------------------------------------------------------
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.core.directive_listeners.append(self._directive_issued)
+
+    def unbind(self) -> None:
+        try:
+            self.core.directive_listeners.remove(self._directive_issued)
+        except ValueError:
+            pass
+        self._loop = None
+
+    def _directive_issued(self, job_id: str) -> None:
+        """A core listener: called from whichever thread issued the directive."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._wake_job, job_id)
+        except RuntimeError:        # the loop is closed: no stream is left to wake
+            pass
+
+    def _wake_job(self, job_id: str) -> None:
+        for w in self._watches.get(job_id, ()):
+            w.wake.set()
+
+    def wake_all(self) -> None:
+        """Wake every directive stream (on the loop): they end when ``stopping`` is set."""
+        for watches in self._watches.values():
+            for w in watches:
+                w.wake.set()
+
+    def _add_watch(self, w: _Watch) -> None:
+        self._watches.setdefault(w.job_id, set()).add(w)
+        mine = self._agent_watches.setdefault(w.agent_id, deque())
+        mine.append(w)
+        while len(mine) > self.MAX_WATCHES_PER_AGENT:
+            old = mine.popleft()
+            old.superseded = True
+            old.wake.set()
+
+    def _remove_watch(self, w: _Watch) -> None:
+        watches = self._watches.get(w.job_id)
+        if watches is not None:
+            watches.discard(w)
+            if not watches:
+                del self._watches[w.job_id]
+        mine = self._agent_watches.get(w.agent_id)
+        if mine is not None:
+            try:
+                mine.remove(w)
+            except ValueError:      # superseded: already out
+                pass
+            if not mine:
+                del self._agent_watches[w.agent_id]
+
+    async def _blocking(self, fn, *args):
+        """``fn(*args)`` on the executor, so the event loop never waits on it."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- callers and refusals ------------------------------------------------------------
+    async def _refuse(self, ctx, code: grpc.StatusCode, message: str):
         r = Rejection(code, "unauthorized", message)
         self.core.count_rejection("", r)
-        self._abort(ctx, r)
+        await self._abort(ctx, r)
 
-    def _caller(self, ctx) -> Principal:
+    async def _caller(self, ctx) -> Principal:
         p = self.security.principal(ctx.invocation_metadata())
         if p is None:
-            self._refuse(ctx, grpc.StatusCode.UNAUTHENTICATED,
-                         "a valid token is required: send metadata 'authorization: Bearer "
-                         "TOKEN' (adaptrun: --token-file FILE or $ADAPTRUN_TOKEN)")
+            await self._refuse(ctx, grpc.StatusCode.UNAUTHENTICATED,
+                               "a valid token is required: send metadata 'authorization: "
+                               "Bearer TOKEN' (adaptrun: --token-file FILE or $ADAPTRUN_TOKEN)")
         return p
 
-    def _may_see(self, ctx, p: Principal, job_id: str) -> None:
+    async def _may_see(self, ctx, p: Principal, job_id: str) -> None:
         if not p.may_see(job_id):
-            self._refuse(ctx, grpc.StatusCode.PERMISSION_DENIED,
-                         f"this token does not open job {job_id[:80]!r}")
+            await self._refuse(ctx, grpc.StatusCode.PERMISSION_DENIED,
+                               f"this token does not open job {job_id[:80]!r}")
 
     @staticmethod
-    def _abort(ctx, r: Rejection):
-        ctx.abort(r.code, r.message)
+    async def _abort(ctx, r: Rejection):
+        await ctx.abort(r.code, r.message)
 
-    def _parsed(self, req, ctx):
+    async def _parsed(self, req, ctx):
         if isinstance(req, Malformed):
-            self._abort(ctx, req.rejection)
+            await self._abort(ctx, req.rejection)
         return req
 
-    def Register(self, req, ctx):
-        caller = self._caller(ctx)
-        req = self._parsed(req, ctx)
-        self._may_see(ctx, caller, req.job_id)
+    # -- the RPCs ------------------------------------------------------------------------
+    async def Register(self, req, ctx):
+        caller = await self._caller(ctx)
+        req = await self._parsed(req, ctx)
+        await self._may_see(ctx, caller, req.job_id)
         try:
-            job, agent = self.core.register(req)
+            # A node waiting to join may re-issue the job's directive: that waits for the
+            # job's policy run (policy_lock), so it runs off the loop.
+            job, agent = (await self._blocking(self.core.register, req) if req.wants_to_join
+                          else self.core.register(req))
         except Rejection as r:
-            self._abort(ctx, r)
+            await self._abort(ctx, r)
         with job.changed:
             d, done = job.directive, job.done
         return pb.RegisterResponse(agent_id=agent.agent_id, bounds=bounds_to_proto(job.bounds),
@@ -120,92 +225,110 @@ class ControllerService:
                                    report_interval_s=self.core.config.report_interval_s,
                                    job_done=done, rdzv_endpoint=self.core.rdzv_endpoint)
 
-    def StreamReports(self, request_iterator, ctx):
-        caller = self._caller(ctx)
-        agent_id = dict(ctx.invocation_metadata()).get(AGENT_ID_METADATA, "")
+    async def StreamReports(self, request_iterator, ctx):
+        caller = await self._caller(ctx)
+        agent_id = dict(ctx.invocation_metadata() or ()).get(AGENT_ID_METADATA, "")
         agent = self.core.registry.agent(agent_id)
         if agent is not None:
-            self._may_see(ctx, caller, agent.job_id)
+            await self._may_see(ctx, caller, agent.job_id)
         else:
             r = Rejection(grpc.StatusCode.FAILED_PRECONDITION, "unregistered",
                           f"unknown agent id {agent_id[:40]!r}: call Register first and send "
                           f"its agent_id as metadata {AGENT_ID_METADATA!r}")
             self.core.count_rejection("", r)
-            self._abort(ctx, r)
-        for msg in request_iterator:
+            await self._abort(ctx, r)
+        ingest, ack, eof = self.core.ingest, pb.ReportAck, grpc.aio.EOF
+        while True:
+            msg = await ctx.read()
+            if msg is eof:
+                return
             try:
-                _, generation = self.core.ingest(agent, msg)
+                _, generation = ingest(agent, msg)
             except Rejection as r:
-                self._abort(ctx, r)
-            yield pb.ReportAck(step=msg.step, generation=generation)
+                await self._abort(ctx, r)
+            await ctx.write(ack(step=msg.step, generation=generation))
 
-    def WatchDirectives(self, req, ctx):
-        caller = self._caller(ctx)
-        req = self._parsed(req, ctx)
-        self._may_see(ctx, caller, req.job_id)
+    async def WatchDirectives(self, req, ctx):
+        caller = await self._caller(ctx)
+        req = await self._parsed(req, ctx)
+        await self._may_see(ctx, caller, req.job_id)
         try:
             check_generation(req.last_generation)
         except Rejection as r:
-            self._abort(ctx, r)
+            await self._abort(ctx, r)
         agent = self.core.registry.agent(req.agent_id)
         job = self.core.registry.job(req.job_id)
         if agent is None or job is None or agent.job_id != req.job_id:
-            self._abort(ctx, Rejection(grpc.StatusCode.NOT_FOUND, "unknown_job",
-                                       f"no agent {req.agent_id[:40]!r} in job "
-                                       f"{req.job_id[:80]!r}: call Register first"))
-
-        def wake():
-            with job.changed:
-                job.changed.notify_all()
-        ctx.add_callback(wake)
+            await self._abort(ctx, Rejection(grpc.StatusCode.NOT_FOUND, "unknown_job",
+                                             f"no agent {req.agent_id[:40]!r} in job "
+                                             f"{req.job_id[:80]!r}: call Register first"))
         with job.changed:
             job.generation = max(job.generation, req.last_generation)
             agent.watching += 1
+        w = _Watch(job.job_id, agent.agent_id)
+        self._add_watch(w)
         sent = None
         try:
-            while ctx.is_active() and not self.stopping.is_set():
+            while not (self.stopping.is_set() or w.superseded):
+                # Clear the wake-up before reading: a directive issued after the read sets it
+                # again (its listener runs on this loop, after this step), so none is missed.
+                w.wake.clear()
                 with job.changed:
                     d = job.directive
-                    fresh = d is not None and (d.generation >= req.last_generation
-                                               if sent is None else d.generation > sent)
-                    if not fresh:
-                        job.changed.wait(timeout=5.0)
-                        continue
-                sent = d.generation
-                yield directive_to_proto(d)
+                if d is not None and (d.generation >= req.last_generation if sent is None
+                                      else d.generation > sent):
+                    sent = d.generation
+                    await ctx.write(directive_to_proto(d))
+                else:
+                    await w.wake.wait()
         finally:
+            self._remove_watch(w)
             with job.changed:
                 agent.watching -= 1
         if self.stopping.is_set():
-            ctx.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
+            await ctx.abort(grpc.StatusCode.UNAVAILABLE, "the controller is shutting down")
+        await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"agent {agent.agent_id} opened a newer directive stream: this, its "
+                        f"oldest, ends (an agent holds at most {self.MAX_WATCHES_PER_AGENT})")
 
-    def ListJobs(self, req, ctx):
-        caller = self._caller(ctx)
-        req = self._parsed(req, ctx)
+    async def ListJobs(self, req, ctx):
+        caller = await self._caller(ctx)
+        req = await self._parsed(req, ctx)
         if req.job_id:
-            self._may_see(ctx, caller, req.job_id)
+            await self._may_see(ctx, caller, req.job_id)
+        resp = await self._blocking(self._list_jobs, caller, req.job_id)
+        if resp is None:
+            await ctx.abort(grpc.StatusCode.NOT_FOUND, f"no job {req.job_id[:80]!r}")
+        return resp
+
+    def _list_jobs(self, caller: Principal, job_id: str) -> pb.ListJobsResponse | None:
         now = self.core.clock()
         jobs = [j for j in self.core.registry.jobs() if caller.may_see(j.job_id)]
-        if req.job_id:
-            jobs = [j for j in jobs if j.job_id == req.job_id]
+        if job_id:
+            jobs = [j for j in jobs if j.job_id == job_id]
             if not jobs:
-                ctx.abort(grpc.StatusCode.NOT_FOUND, f"no job {req.job_id[:80]!r}")
+                return None
         jobs.sort(key=lambda j: j.job_id)
         act = self.core.actuator
         return pb.ListJobsResponse(jobs=[job_status(j, now, act.current_workers(j.job_id))
                                          for j in jobs])
 
-    def SetBounds(self, req, ctx):
-        caller = self._caller(ctx)
+    async def SetBounds(self, req, ctx):
+        caller = await self._caller(ctx)
         if not caller.operator:
-            self._refuse(ctx, grpc.StatusCode.PERMISSION_DENIED,
-                         "only the operator's credential may change a job's bounds")
-        req = self._parsed(req, ctx)
+            await self._refuse(ctx, grpc.StatusCode.PERMISSION_DENIED,
+                               "only the operator's credential may change a job's bounds")
+        req = await self._parsed(req, ctx)
         try:
-            check_worker_bounds(req.min_workers, req.max_workers)
-            job = self.core.set_bounds(req.job_id, req.min_workers, req.max_workers)
+            # The policy runs now (a forced decision): 100s of ms for a big job, off the loop.
+            status = await self._blocking(self._set_bounds, req)
         except Rejection as r:
-            self._abort(ctx, r)
+            await self._abort(ctx, r)
+        return status
+
+    def _set_bounds(self, req) -> pb.JobStatus:
+        check_worker_bounds(req.min_workers, req.max_workers)
+        job = self.core.set_bounds(req.job_id, req.min_workers, req.max_workers)
         return job_status(job, self.core.clock(), self.core.actuator.current_workers(job.job_id))
 
 
