@@ -4,15 +4,27 @@
     python benchmarks/controller_load.py --jobs 1000          # one job per agent
     python benchmarks/controller_load.py --interval-s 2       # paced like real agents (not saturating)
 
+The three figures of the grpc.aio server's goal (issue: no thread per stream):
+
+    # 10,000 connected agents (two streams each, like real ones), paced at one report per 2 s:
+    # p50 / p99 latency and the controller's peak RSS
+    python benchmarks/controller_load.py --agents 10000 --jobs 1000 --interval-s 2 \
+        --watch-directives --load-procs 2
+    # saturated ingestion with the controller pinned to one core (the load on the others)
+    python benchmarks/controller_load.py --agents 1000 --controller-cpus 0 --load-procs 2
+
 What runs (all on 127.0.0.1, ports picked by the OS):
 
-* The controller, in a subprocess of its own (its own GIL, its own pid for CPU figures):
-  ``Controller(ControllerConfig(...)).start()``, the same code ``adaptrun controller`` runs.
-  Not ``python -m adaptrun.cli controller`` itself: that command has no option for the
-  per-job report rate limit (20 reports/s, burst 40 per job by default), and this benchmark
-  measures ingestion, not the rate limiter, so the limit is raised out of reach (1e9/s)
-  unless ``--keep-rate-limit``. ``max_threads`` is raised to hold every stream (the sync
-  server holds one handler thread per open stream; ``ControllerConfig``'s default is 64).
+* The controller, in a subprocess of its own (its own GIL, its own pid for CPU and memory
+  figures): ``Controller(ControllerConfig(...)).start()``, the same code ``adaptrun
+  controller`` runs, with ControllerConfig's defaults for the server (``max_threads``,
+  ``max_concurrent_rpcs``): the grpc.aio server holds no thread per stream. Not ``python -m
+  adaptrun.cli controller`` itself: that command has no option for the per-job report rate
+  limit (20 reports/s, burst 40 per job by default), and this benchmark measures ingestion,
+  not the rate limiter, so the limit is raised out of reach (1e9/s) unless
+  ``--keep-rate-limit``. ``--controller-cpus 0`` pins it (``os.sched_setaffinity``) to those
+  CPUs; the load generators then run on the other CPUs (``--load-cpus`` to choose). Its peak
+  RSS is /proc/<pid>/status VmHWM.
 * ``--load-procs`` load generators (multiprocessing, grpc.aio): each simulated agent
   registers (job ``job-J``, node ``node-N``; ``--jobs`` jobs, agents spread round-robin over
   them), opens its own channel (own TCP connection, like a real agent) and one StreamReports
@@ -28,7 +40,12 @@ Only reports *sent* inside the measured window count. Accepted counts are cross-
 against the controller's own (ListJobs before and after the window). Printed, not asserted;
 absolute rates depend on this (shared) machine, so the table also gives ratios: headroom
 over the rate the agents need at the controller's report interval, and controller CPU per
-report.
+report. The load generators are Python too and cost about as much CPU per report as the
+controller: on a machine with few cores they compete with it (the table says how much CPU
+they took), so a paced run of many agents there measures the two together.
+
+The figures of the thread-per-stream (sync) server it replaced are printed beside, as
+constants (``SYNC_SERVER``): that server is gone from the tree.
 """
 from __future__ import annotations
 
@@ -51,12 +68,28 @@ HOST = "127.0.0.1"
 AGENT_ID_METADATA = "adaptrun-agent-id"
 NO_LIMIT = 1e9          # reports/s and burst: the rate limiter never says no
 
+# The thread-per-stream (sync) server, as measured with this benchmark (its defaults: 1,000
+# agents, 100 jobs, the stream limit raised to hold every stream) and committed in the
+# README at 2904f41; the server is gone from the tree, so these are constants.
+SYNC_SERVER = {
+    "commit": "2904f41",
+    "saturated": "1,000-1,400 reports/s, p50 0.75-1.1 s / p99 1.3-2.1 s (queueing), one core, "
+                 "1,000 agents",
+    "paced": "1,000 agents at 1 report / 2 s: 499 reports/s, p50 3 ms / p99 36 ms, 65 % of a "
+             "core",
+    "threads": "one thread per open stream (max_threads had to exceed 2 x agents)",
+}
+GOALS = {"agents": 10_000, "reports_per_s_one_core": 5_000, "p99_ms_paced": 50.0}
+
 
 # --- the controller process -------------------------------------------------------------
 
 def serve_controller(cfg: dict) -> None:
     """Run a controller until stdin closes (the parent is gone) or SIGTERM; print its ports."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides when we stop
+    cpus = cfg.pop("_cpus", None)
+    if cpus:
+        os.sched_setaffinity(0, cpus)     # before any thread: they all inherit it
     import logging
 
     from adaptrun.controller.core import ControllerConfig
@@ -75,6 +108,17 @@ def serve_controller(cfg: dict) -> None:
     print(f"PORT {ctl.port} {ctl.metrics_port}", flush=True)
     done.wait()
     ctl.stop(grace_s=0.5)
+
+
+def proc_memory(pid: int) -> tuple[int, int]:
+    """(peak RSS VmHWM, RSS VmRSS) of ``pid`` in bytes, from /proc/<pid>/status."""
+    got = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                got[key] = int(value.split()[0]) * 1024
+    return got.get("VmHWM", 0), got.get("VmRSS", 0)
 
 
 def proc_stat(pid: int) -> tuple[float, int, int]:
@@ -100,6 +144,8 @@ def load_main(idx: int, port: int, agents: list[tuple[int, str, str]], opts: dic
               ready, go, results) -> None:
     """One load process: its agents register and stream; results go to ``results``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent ends us
+    if opts.get("cpus"):
+        os.sched_setaffinity(0, opts["cpus"])
     threading.Thread(target=_watch_parent, args=(opts["parent_pid"],), daemon=True).start()
     try:
         out = asyncio.run(_load(port, agents, opts, ready, go))
@@ -336,15 +382,37 @@ def parse_args(argv=None):
                    help="gRPC connections per load process (0: one per agent)")
     p.add_argument("--watch-directives", action="store_true",
                    help="each agent also holds a WatchDirectives stream, as real agents do "
-                        "(one more controller thread each)")
+                        "(two streams per agent)")
+    p.add_argument("--controller-cpus", default="",
+                   help="pin the controller to these CPUs (comma-separated, e.g. 0: one core)")
+    p.add_argument("--load-cpus", default="",
+                   help="pin the load generators to these CPUs (default with "
+                        "--controller-cpus: every other CPU, when there is one)")
     p.add_argument("--keep-rate-limit", action="store_true",
                    help="keep the controller's default per-job rate limit (20/s, burst 40) "
                         "instead of lifting it")
     p.add_argument("--policy-interval-s", type=float, default=5.0,
                    help="the controller's policy cadence (its default: 5 s)")
-    p.add_argument("--setup-timeout-s", type=float, default=40.0,
-                   help="give up when the agents are not all streaming after this long")
+    p.add_argument("--setup-timeout-s", type=float, default=None,
+                   help="give up when the agents are not all streaming after this long "
+                        "(default: 40 s + 10 ms per agent)")
     a = p.parse_args(argv)
+    if a.setup_timeout_s is None:
+        a.setup_timeout_s = 40.0 + 0.01 * a.agents
+
+    def cpus(text, flag):
+        try:
+            got = sorted({int(c) for c in text.split(",") if c.strip()})
+        except ValueError:
+            p.error(f"{flag} takes CPU numbers separated by commas, got {text!r}")
+        allowed = os.sched_getaffinity(0)
+        if not set(got) <= allowed:
+            p.error(f"{flag} {text}: this process may run on CPUs {sorted(allowed)} only")
+        return got
+    a.controller_cpus = cpus(a.controller_cpus, "--controller-cpus")
+    a.load_cpus = cpus(a.load_cpus, "--load-cpus")
+    if a.controller_cpus and not a.load_cpus:
+        a.load_cpus = sorted(os.sched_getaffinity(0) - set(a.controller_cpus))
     if a.agents < 1 or not 1 <= a.jobs <= a.agents:
         p.error("need --agents >= 1 and 1 <= --jobs <= --agents")
     if a.duration_s <= 0 or a.interval_s < 0 or a.load_procs < 1:
@@ -364,9 +432,11 @@ def main(argv=None) -> None:
     streams = args.agents * (2 if args.watch_directives else 1)
     from adaptrun.controller.core import ControllerConfig
     defaults = ControllerConfig()
-    cfg = dict(host=HOST, port=0, metrics_port=0, max_threads=streams + 64,
-               max_jobs=max(defaults.max_jobs, args.jobs),
+    # The server's own defaults (max_threads, max_concurrent_rpcs): no stream holds a thread.
+    cfg = dict(host=HOST, port=0, metrics_port=0, max_jobs=max(defaults.max_jobs, args.jobs),
                policy_interval_s=args.policy_interval_s)
+    if args.controller_cpus:
+        cfg["_cpus"] = args.controller_cpus
     if not args.keep_rate_limit:
         cfg.update(report_rate_per_s=NO_LIMIT, report_burst=int(NO_LIMIT))
     rate = (f"per-job rate limit {defaults.report_rate_per_s:g}/s burst {defaults.report_burst}"
@@ -380,6 +450,7 @@ def main(argv=None) -> None:
     t_begin = time.monotonic()
     try:
         controller, port, metrics_port = start_controller(cfg, log)
+        _, rss_idle = proc_memory(controller.pid)
         agents = [(i, f"job-{i % args.jobs:04d}", f"node-{i // args.jobs:03d}")
                   for i in range(args.agents)]
         ctx = mp.get_context("spawn")
@@ -390,7 +461,8 @@ def main(argv=None) -> None:
             go = ctx.Queue()
             opts = dict(interval_s=args.interval_s, duration_s=args.duration_s, slots=1,
                         nodes_per_job=nodes_per_job, watch=args.watch_directives,
-                        connections=max(1, conns // args.load_procs), parent_pid=os.getpid())
+                        connections=max(1, conns // args.load_procs), parent_pid=os.getpid(),
+                        cpus=args.load_cpus)
             p = ctx.Process(target=load_main, args=(k, port, chunk, opts, ready, go, results),
                             name=f"load-{k}", daemon=True)
             p.start()
@@ -414,6 +486,7 @@ def main(argv=None) -> None:
                 raise SystemExit(f"a load process failed while setting up: {detail}")
             n_ready += 1
         setup_s = time.monotonic() - t_begin
+        _, rss_setup = proc_memory(controller.pid)
         acc0, rej0 = controller_totals(port)
         pol0 = policy_totals(metrics_port)
         t_start = time.monotonic() + 0.2
@@ -423,6 +496,7 @@ def main(argv=None) -> None:
         cpu0, _, _ = proc_stat(controller.pid)
         time.sleep(max(0.0, t_start + args.duration_s - time.monotonic()))
         cpu1, threads, rss = proc_stat(controller.pid)
+        peak_rss, _ = proc_memory(controller.pid)
         outs = {}
         while len(outs) < len(loaders):
             try:
@@ -485,11 +559,22 @@ def main(argv=None) -> None:
                                     f"{percentile(lat_sorted, 99):.1f} / "
                                     f"{percentile(lat_sorted, 100):.1f} ms"),
         ("controller CPU", f"{ctl_cpu / d:.0%} of one core (pid {controller.pid}, "
-                           f"{threads} threads, RSS {rss / 2**20:.0f} MiB)"),
+                           f"{threads} threads; "
+                           + (f"pinned to CPU {','.join(map(str, args.controller_cpus))})"
+                              if args.controller_cpus else "not pinned)")),
+        ("controller memory", f"RSS {rss_idle / 2**20:.0f} MiB idle, {rss_setup / 2**20:.0f} MiB "
+                              f"with every agent connected, {rss / 2**20:.0f} MiB at the end; "
+                              f"peak (VmHWM) {peak_rss / 2**20:.0f} MiB = "
+                              f"{(peak_rss - rss_idle) / args.agents / 1024:.0f} KiB per agent "
+                              f"over idle"),
         ("controller policy runs", f"{pol1[0] - pol0[0]}, {pol1[1] - pol0[1]:.2f} s wall-clock in them "
                                    f"(every {args.policy_interval_s:g} s per job with new reports)"),
         ("load-generator CPU", f"{load_cpu / d:.0%} of one core ({args.load_procs} process"
-                               f"{'es' if args.load_procs > 1 else ''}, {os.cpu_count()} cores here)"),
+                               f"{'es' if args.load_procs > 1 else ''}"
+                               + (f" pinned to CPU {','.join(map(str, args.load_cpus))}"
+                                  if args.load_cpus else "")
+                               + f"; {os.cpu_count()} cores here, shared with the controller"
+                               + (")" if args.load_cpus else " and anything else running)")),
         ("controller CPU / accepted report", f"{ctl_cpu / accepted * 1e6:,.0f} us" if accepted else "-"),
     ]
     if args.interval_s == 0:       # a ratio only where the loop saturates the controller
@@ -500,8 +585,33 @@ def main(argv=None) -> None:
         rows.append(("acks for the wrong step", str(mismatched)))
     if n_failed:
         rows.append(("agents that failed", f"{n_failed}: {failed[:3]}"))
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+    p99 = percentile(lat_sorted, 99)
+    goals = [("goal: 10,000 agents, bounded memory",
+              f"{args.agents:,} agents ({streams:,} streams) connected at once, peak RSS "
+              f"{peak_rss / 2**20:.0f} MiB: "
+              + (verdict(args.agents >= GOALS["agents"] and not n_failed)
+                 if args.agents >= GOALS["agents"] else "run with --agents 10000"))]
+    if args.interval_s == 0:
+        one_core = len(args.controller_cpus) == 1
+        goals.append(("goal: >= 5,000 reports/s on one core",
+                      f"{rps:,.0f} reports/s saturated: "
+                      + (verdict(rps >= GOALS["reports_per_s_one_core"]) if one_core
+                         else "run with --controller-cpus 0 (pinned to one core)")))
+    else:
+        goals.append(("goal: p99 < 50 ms, 1 report / 2 s",
+                      f"p99 {p99:.1f} ms at 1 report per {args.interval_s:g} s per agent: "
+                      + (verdict(p99 < GOALS["p99_ms_paced"]) if args.interval_s >= 2
+                         else "run with --interval-s 2")))
+    rows += goals
+    rows += [(f"sync server ({SYNC_SERVER['commit']}), saturated", SYNC_SERVER["saturated"]),
+             (f"sync server ({SYNC_SERVER['commit']}), paced", SYNC_SERVER["paced"]),
+             (f"sync server ({SYNC_SERVER['commit']}), threads", SYNC_SERVER["threads"])]
     w = max(len(k) for k, _ in rows)
-    print("adaptrun controller ingestion (127.0.0.1)")
+    print("adaptrun controller ingestion (127.0.0.1, grpc.aio server; the sync server's figures "
+          "are constants measured at commit " + SYNC_SERVER["commit"] + ")")
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
 
