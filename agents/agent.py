@@ -904,6 +904,8 @@ class Agent:
                             c.ready_timeout_s, nodes)
                 reform = False
                 st.planned = None
+        if not reform and st.planned is not None and st.written < st.planned.generation:
+            st.planned = None               # a newer directive replaces a re-form not begun
         directive = Directive(generation=d.generation, global_batch=d.global_batch,
                               local_batch=d.local_batch, accum_steps=d.accum_steps,
                               target_world_size=d.world_size,

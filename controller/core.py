@@ -335,12 +335,24 @@ class ControllerCore:
             self._export_worker_targets(job, decision, force)
             if decision is None:
                 return None
-            if decision.changes_replicas or decision.changes_batch:
+            if (decision.changes_replicas or decision.changes_batch
+                    or self._directive_differs(job, decision.config)):
                 self._apply(job, decision)
             else:
                 with job.changed:
                     job.last_decision = decision.reason
             return decision
+
+    @staticmethod
+    def _directive_differs(job: Job, config: Config) -> bool:
+        """The directive in force asks for another configuration than the one decided (say,
+        a move that never happened: the bounds changed, the joiners never came). The job
+        already runs the decided one, so nothing moves, but the directive must say so: a node
+        that registers learns the job's size from it."""
+        with job.changed:
+            d = job.directive
+        return d is not None and (d.world_size, d.local_batch, d.accum_steps) != (
+            config.replicas, config.local_batch, config.accum_steps)
 
     def _export_worker_targets(self, job: Job, decision: Decision | None, force: bool) -> None:
         """For the alerts: the count the actuator is moving the job to, and the count the

@@ -167,3 +167,22 @@ def test_a_node_waiting_to_join_a_job_short_of_its_size_gets_a_directive_that_ad
         job.readmit_time_s = float("-inf")
         send_reports(stub, agent, [report("gpt", step=5, world_size=2, generation=1)])
         assert join("n3").generation == 2
+
+
+def test_a_move_that_never_happened_is_replaced_when_the_bounds_change():
+    """The policy asked for 4 workers, the job kept running 2 (no node came), then the
+    operator pinned the job to 2: the directive in force must say 2 again, or a node that
+    registers later would wait for a world of 4 that nobody forms."""
+    fixed = pb.JobBounds(min_workers=1, max_workers=4, init_batch=64, max_global_batch=64,
+                         local_batch_min=8, local_batch_max=128)   # the batch cannot move
+    with running_controller(policy_interval_s=60.0) as ctl, channel_to(ctl) as (_, stub):
+        agent = register(stub, "t5", node="n0", bounds=fixed).agent_id
+        send_reports(stub, agent, [report("t5", step=i, world_size=2) for i in (1, 2)])
+        job = ctl.core.registry.job("t5")
+        ctl.core.issue_directive(job, Config(4, 16, 0), "the policy's")   # never applied
+        send_reports(stub, agent, [report("t5", step=3, world_size=2, generation=1)])
+        status = stub.SetBounds(pb.SetBoundsRequest(job_id="t5", min_workers=2, max_workers=2),
+                                timeout=10)
+        d = status.directive
+        assert (d.generation, d.world_size) == (2, 2), d
+        assert register(stub, "t5", node="n9").directive.world_size == 2
