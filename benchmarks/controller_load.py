@@ -8,10 +8,11 @@ The three figures of the grpc.aio server's goal (issue: no thread per stream):
 
     # 10,000 connected agents (two streams each, like real ones), paced at one report per 2 s:
     # p50 / p99 latency and the controller's peak RSS
-    python benchmarks/controller_load.py --agents 10000 --jobs 1000 --interval-s 2 \
-        --watch-directives --load-procs 2
+    python benchmarks/controller_load.py --agents 10000 --interval-s 2 --watch-directives \\
+        --load-procs 2 --duration-s 30
     # saturated ingestion with the controller pinned to one core (the load on the others)
-    python benchmarks/controller_load.py --agents 1000 --controller-cpus 0 --load-procs 2
+    python benchmarks/controller_load.py --agents 1000 --controller-cpus 0 --load-procs 2 \\
+        --duration-s 20
 
 What runs (all on 127.0.0.1, ports picked by the OS):
 
@@ -494,8 +495,10 @@ def main(argv=None) -> None:
             q.put(t_start)
         time.sleep(max(0.0, t_start - time.monotonic()))
         cpu0, _, _ = proc_stat(controller.pid)
+        loadavg0 = os.getloadavg()[0]
         time.sleep(max(0.0, t_start + args.duration_s - time.monotonic()))
         cpu1, threads, rss = proc_stat(controller.pid)
+        loadavg1 = os.getloadavg()[0]
         peak_rss, _ = proc_memory(controller.pid)
         outs = {}
         while len(outs) < len(loaders):
@@ -581,6 +584,16 @@ def main(argv=None) -> None:
         rows.append(("headroom", f"{rps / needed:.1f}x the {needed:,.0f} reports/s "
                                  f"{args.agents} agents send at the controller's "
                                  f"{defaults.report_interval_s:g} s report interval"))
+    cores = len(os.sched_getaffinity(0))
+    busy = (ctl_cpu + load_cpu) / d
+    rows.append(("machine", f"{cores} CPUs; load average {loadavg0:.1f} -> {loadavg1:.1f} over "
+                            f"the window (this benchmark's own processes included)"))
+    if busy > 0.75 * cores or (not args.controller_cpus and busy > 0.5 * cores) \
+            or max(loadavg0, loadavg1) > cores:
+        rows.append(("note", f"the controller and the load generators used {busy:.1f} of "
+                             f"{cores} CPUs, with other work running too (load average above): "
+                             f"latency includes waiting for a CPU, and the load generators "
+                             f"may fall short of the offered rate"))
     if mismatched:
         rows.append(("acks for the wrong step", str(mismatched)))
     if n_failed:
