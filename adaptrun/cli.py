@@ -319,8 +319,9 @@ def _actuator_options(actuator: str, k8s: dict) -> dict:
                    "Ray actors: see --ray-agent-command).")
 @click.option("--policy-interval-s", default=5.0, show_default=True, type=click.FloatRange(min=0.0),
               help="How often each job's policy runs.")
-@click.option("--max-threads", default=1024, show_default=True, type=click.IntRange(min=4),
-              help="gRPC handler threads; each agent holds two while connected.")
+@click.option("--max-threads", default=64, show_default=True, type=click.IntRange(min=4),
+              help="Threads for blocking work (a bounds change runs the job's policy); the "
+                   "gRPC streams of connected agents need none (grpc.aio).")
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False),
               help="Keep each job's state here (bounds, learned throughput and noise scale, "
                    "generation) so a restarted controller resumes its jobs (default: none).")
