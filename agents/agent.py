@@ -514,12 +514,19 @@ class Agent:
                     self.client.ask_to_join()
                 time.sleep(0.05)
                 d, formed = self._latest_directive(), self._formed()
-        n = c.nodes_for(d.world_size)
         deadline = time.monotonic() + c.ready_timeout_s
         while not self._spares_ready() and time.monotonic() < deadline:
             time.sleep(0.02)
         if self._job_done():
             return None
+        # The directive to join is the newest one that grows the job, read once the workers
+        # are ready (a start takes seconds): the old world only ever waits for the joiners
+        # of its newest directive.
+        newest = self._latest_directive()
+        if newest is not None and newest.generation > d.generation and self._grows(
+                newest, self._formed()):
+            d = newest
+        n = c.nodes_for(d.world_size)
         self.store.keys.add(f"g{d.generation}/joiners", 1)   # the old world may stop now
         log.info("joining job %s at directive %d (%d workers on %d nodes)", c.job_id,
                  d.generation, d.world_size, n)
