@@ -39,6 +39,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+import torch
 import torch.distributed as dist
 
 from . import checkpoint, directive
@@ -46,7 +47,7 @@ from . import distributed
 from .distributed import WorldInfo
 from .errors import MissingStateError, NotInitializedError
 from .state import (RNGState, StateRegistry, detached_copy, encode, encode_snapshot,
-                    exchange_newest, save_snapshot, snapshot_of)
+                    exchange_newest, fill_deferred, save_snapshot, snapshot_of)
 
 __all__ = ["init", "Job", "JobState", "current", "register_state", "on_world_formed"]
 
@@ -84,6 +85,7 @@ class Job:
         self.snapshot_wait_s = 0.0    # time due async steps waited for the previous write
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
+        self._copied: threading.Event | None = None   # the writer copied what steps change
         self._warned_slow_write = False
         self._copy_buffers: list = []     # the CPU tensors of the last copy, reused by the next
         self.restored_step: int | None = None
@@ -163,11 +165,35 @@ class Job:
         if not background:
             self._write(encode_snapshot(snap), step, targets)
             return
-        copy = detached_copy(snap, reuse=self._copy_buffers)   # the last copy's, overwritten
+        # The model's parameters and the optimizer's state change only when the optimizer
+        # steps: the writer copies them while the next step computes, and that step's
+        # optimizer pre-hook waits for it (``wait_for_copy``). The rest is copied now.
+        pending: list = []
+        copy = detached_copy(snap, reuse=self._copy_buffers, defer=self._stepped_storage(),
+                             deferred=pending)
+        self._copied = threading.Event()
         self._writer = threading.Thread(target=self._write_in_background,
-                                        args=(copy, step, targets),
+                                        args=(copy, pending, self._copied, step, targets),
                                         name=f"adaptrun-snapshot-{step}")
         self._writer.start()      # not a daemon: an exiting interpreter lets it finish
+
+    def _stepped_storage(self) -> set:
+        """Storage addresses of the CPU tensors only ``optimizer.step()`` changes: the
+        wrapped model's parameters and its optimizer's state (empty without the wrapper,
+        whose optimizer pre-hook is what waits for their copy)."""
+        par = self.parallel
+        if par is None:
+            return set()
+        tensors = list(par.module.parameters()) + [
+            v for st in par.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        return {t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"}
+
+    def wait_for_copy(self) -> None:
+        """Before anything changes the parameters or the optimizer's state: the snapshot
+        in flight has copied them."""
+        copied, self._copied = self._copied, None
+        if copied is not None:
+            copied.wait()
 
     def _snapshot_targets(self) -> list:
         """The directories this rank writes snapshots to."""
@@ -183,8 +209,13 @@ class Job:
         for d in targets:
             checkpoint.write(d, step, data)
 
-    def _write_in_background(self, snap: dict, step: int, targets: list) -> None:
+    def _write_in_background(self, snap: dict, pending: list, copied: threading.Event,
+                             step: int, targets: list) -> None:
         try:
+            try:
+                fill_deferred(pending)
+            finally:
+                copied.set()
             # Streamed into the file: torch.save into memory first would hold the GIL for
             # the whole copy, and the training thread would wait on it.
             self._write(lambda f: save_snapshot(snap, f), step, targets)

@@ -383,6 +383,7 @@ class AdaptiveDataParallel(torch.nn.Module):
                                                       else None), dtype=torch.float64)
 
     def _before_step(self) -> None:
+        self._job.wait_for_copy()               # a snapshot still copying what step changes
         world = self._world
         if self._agreed is not None:            # launched behind the last gradient bucket
             vec, work = self._agreed

@@ -40,7 +40,7 @@ from . import checkpoint
 from .errors import SnapshotCorruptError, SnapshotMismatchError, StateRegistryError
 
 __all__ = ["StateRegistry", "RNGState", "fingerprint", "encode", "encode_snapshot", "save_snapshot",
-           "detached_copy", "decode", "exchange_newest", "SNAPSHOT_FORMAT"]
+           "fill_deferred", "detached_copy", "decode", "exchange_newest", "SNAPSHOT_FORMAT"]
 
 SNAPSHOT_FORMAT = 1
 
@@ -136,7 +136,8 @@ def snapshot_of(registry: StateRegistry, step: int, epoch: int) -> dict:
             "states": registry.collect()}
 
 
-def detached_copy(obj, reuse: list | None = None):
+def detached_copy(obj, reuse: list | None = None, defer: set | None = None,
+                  deferred: list | None = None):
     """``obj`` (a snapshot dict) with every tensor cloned (on its device) and every container
     rebuilt, so that nothing in it aliases state the next step mutates; a tensor reached twice
     (tied weights) is cloned once. Other leaves are deep-copied (numpy RNG state, user objects).
@@ -145,26 +146,48 @@ def detached_copy(obj, reuse: list | None = None):
     ``reuse``: a list holding the CPU tensors of a previous copy that nobody reads any more
     (empty the first time). A tensor of the same shape and dtype at the same place is
     overwritten instead of allocated, which spares the step the allocation and first-touch
-    page faults of a fresh copy; the list then holds this copy's CPU tensors, for the next."""
-    memo = {"pool": list(reversed(reuse or [])), "out": []}
+    page faults of a fresh copy; the list then holds this copy's CPU tensors, for the next.
+
+    ``defer``: storage addresses of CPU tensors that nothing changes before the next
+    optimizer step (the model's parameters, the optimizer's state). Their copies get their
+    place now but not their values: ``(destination, source)`` pairs go to ``deferred``, for a
+    background thread to fill while the next step computes (``fill_deferred``); the caller
+    must wait for that before the optimizer steps."""
+    memo = {"pool": list(reversed(reuse or [])), "out": [], "defer": defer or set(),
+            "deferred": deferred if deferred is not None else []}
     result = _copy(obj, memo)
     if reuse is not None:
         reuse[:] = memo["out"]
     return result
 
 
+def fill_deferred(deferred: list) -> None:
+    """Copy the values ``detached_copy`` left for later (any thread: the copies release the
+    GIL)."""
+    with torch.no_grad():
+        for dst, src in deferred:
+            dst.copy_(src)
+
+
 def _copy(obj, memo: dict):
     if torch.is_tensor(obj):
         if id(obj) not in memo:
             src = obj.detach()
+            cpu = src.device.type == "cpu"
+            later = cpu and src.untyped_storage().data_ptr() in memo["defer"]
             dst = None
-            if src.device.type == "cpu" and memo["pool"]:
+            if cpu and memo["pool"]:
                 old = memo["pool"].pop()
                 if old.shape == src.shape and old.dtype == src.dtype and old.is_contiguous():
-                    dst = old.copy_(src)
-            memo[id(obj)] = dst if dst is not None else src.clone()
-            if src.device.type == "cpu":
-                memo["out"].append(memo[id(obj)])
+                    dst = old if later else old.copy_(src)
+            if dst is None:
+                dst = torch.empty_like(src, memory_format=torch.contiguous_format) if later \
+                    else src.clone()
+            if later:
+                memo["deferred"].append((dst, src))
+            memo[id(obj)] = dst
+            if cpu:
+                memo["out"].append(dst)
         return memo[id(obj)]
     if isinstance(obj, dict):
         out = copy.copy(obj)          # keeps the dict's type (OrderedDict, defaultdict, ...)
