@@ -15,7 +15,6 @@ at most 1.05.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -32,13 +31,9 @@ BIG = ROOT / "tests" / "workers" / "big_worker.py"
 
 
 def steps_of(out: Path) -> list[float]:
-    ts = []
-    for f in out.glob("steps-*.jsonl"):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            if r.get("event") == "step" and r.get("rank") == 0:
-                ts.append(r["t"])
-    ts.sort()
+    """Rank 0's step times, the first 5 steps left out."""
+    ts = sorted(r["t"] for r in harness.read_steps(out)
+                if r.get("event") == "step" and r.get("rank") == 0)
     return [b - a for a, b in zip(ts[5:], ts[6:])]
 
 

@@ -60,137 +60,123 @@ def _watching(ctl, job_id: str) -> int:
     return sum(a.watching for a in ctl.core.registry.job(job_id).agents.values())
 
 
+def _run(ctl: Controller, scenario) -> None:
+    """``scenario(stub, calls)`` on a grpc.aio channel to ``ctl``, in an event loop of its
+    own; whatever it does, the streams it put in ``calls`` are cancelled, the channel is
+    closed and the controller stopped."""
+    async def main():
+        ch = grpc.aio.insecure_channel(ctl.address)
+        calls: list = []
+        try:
+            await scenario(pb_grpc.ControllerStub(ch), calls)
+        finally:
+            for c in calls:
+                c.cancel()
+            await ch.close()
+    try:
+        asyncio.run(main())
+    finally:
+        ctl.stop(grace_s=0.2)
+
+
 @pytest.mark.timeout(90)
 def test_hundreds_of_directive_streams_on_default_threads_get_a_new_directive():
     ctl = _controller()
     assert ctl.config.max_threads == ControllerConfig().max_threads == 64 < STREAMS
 
-    async def scenario():
-        ch = grpc.aio.insecure_channel(ctl.address)
-        calls = []
-        try:
-            stub = pb_grpc.ControllerStub(ch)
-            agents = await _register(stub, "wide", STREAMS)
-            job = ctl.core.registry.job("wide")
-            threads_before = threading.active_count()
-            calls = [stub.WatchDirectives(pb.WatchDirectivesRequest(
-                job_id="wide", agent_id=a), timeout=60) for a in agents]
-            assert await _until(lambda: _watching(ctl, "wide") == STREAMS), \
-                f"{_watching(ctl, 'wide')} of {STREAMS} streams open"
-            threads_open = threading.active_count()
-            assert threads_open <= threads_before + 2, (threads_before, threads_open)
+    async def scenario(stub, calls):
+        agents = await _register(stub, "wide", STREAMS)
+        job = ctl.core.registry.job("wide")
+        threads_before = threading.active_count()
+        calls.extend(stub.WatchDirectives(pb.WatchDirectivesRequest(
+            job_id="wide", agent_id=a), timeout=60) for a in agents)
+        assert await _until(lambda: _watching(ctl, "wide") == STREAMS), \
+            f"{_watching(ctl, 'wide')} of {STREAMS} streams open"
+        threads_open = threading.active_count()
+        assert threads_open <= threads_before + 2, (threads_before, threads_open)
 
-            for gen, config in ((1, Config(4, 16, 0)), (2, Config(8, 16, 1))):
-                # issued from another thread than the server's, as the policy loop does
-                t0 = time.monotonic()
-                await asyncio.to_thread(ctl.core.issue_directive, job, config, f"move {gen}")
-                got = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls)),
-                                             timeout=10)
-                took = time.monotonic() - t0
-                assert [d.generation for d in got] == [gen] * STREAMS
-                assert {d.world_size for d in got} == {config.replicas}
-                assert took < 5.0, f"{STREAMS} streams took {took:.1f} s to get generation {gen}"
-            assert threading.active_count() <= threads_before + 2
-
-            # stop() ends every open stream at once, saying why
+        for gen, config in ((1, Config(4, 16, 0)), (2, Config(8, 16, 1))):
+            # issued from another thread than the server's, as the policy loop does
             t0 = time.monotonic()
-            await asyncio.to_thread(ctl.stop, 0.2)
-            ends = []
-            for c in calls:
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await asyncio.wait_for(c.read(), 5)
-                ends.append((e.value.code(), e.value.details()))
-            assert set(ends) == {(grpc.StatusCode.UNAVAILABLE,
-                                  "the controller is shutting down")}, set(ends)
-            assert time.monotonic() - t0 < 5.0
-            assert _watching(ctl, "wide") == 0
-        finally:
-            for c in calls:
-                c.cancel()
-            await ch.close()
+            await asyncio.to_thread(ctl.core.issue_directive, job, config, f"move {gen}")
+            got = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls)),
+                                         timeout=10)
+            took = time.monotonic() - t0
+            assert [d.generation for d in got] == [gen] * STREAMS
+            assert {d.world_size for d in got} == {config.replicas}
+            assert took < 5.0, f"{STREAMS} streams took {took:.1f} s to get generation {gen}"
+        assert threading.active_count() <= threads_before + 2
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        ctl.stop(grace_s=0.2)
+        # stop() ends every open stream at once, saying why
+        t0 = time.monotonic()
+        await asyncio.to_thread(ctl.stop, 0.2)
+        ends = []
+        for c in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await asyncio.wait_for(c.read(), 5)
+            ends.append((e.value.code(), e.value.details()))
+        assert set(ends) == {(grpc.StatusCode.UNAVAILABLE,
+                              "the controller is shutting down")}, set(ends)
+        assert time.monotonic() - t0 < 5.0
+        assert _watching(ctl, "wide") == 0
+
+    _run(ctl, scenario)
 
 
 @pytest.mark.timeout(60)
 def test_cancelled_streams_are_counted_out_and_one_agent_holds_a_bounded_number():
     ctl = _controller()
 
-    async def scenario():
-        ch = grpc.aio.insecure_channel(ctl.address)
-        calls = []
-        try:
-            stub = pb_grpc.ControllerStub(ch)
-            (agent,) = await _register(stub, "one", 1)
-            cap = ControllerService.MAX_WATCHES_PER_AGENT
-            n = cap + 4
-            req = pb.WatchDirectivesRequest(job_id="one", agent_id=agent)
-            for i in range(n):
-                calls.append(stub.WatchDirectives(req, timeout=30))
-                if i < cap:
-                    assert await _until(lambda: _watching(ctl, "one") == i + 1)
-                    continue
-                # one more than the cap: the agent's oldest open stream ends, saying why
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await asyncio.wait_for(calls[i - cap].read(), 5)
-                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "newer directive stream" in e.value.details()
-                assert await _until(lambda: _watching(ctl, "one") == cap)
-            ctl.core.issue_directive(ctl.core.registry.job("one"), Config(2, 16, 0), "x")
-            got = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls[4:])), 10)
-            assert [d.generation for d in got] == [1] * (n - 4)
-            for c in calls[4:]:
-                c.cancel()
-            assert await _until(lambda: _watching(ctl, "one") == 0), _watching(ctl, "one")
-        finally:
-            for c in calls:
-                c.cancel()
-            await ch.close()
+    async def scenario(stub, calls):
+        (agent,) = await _register(stub, "one", 1)
+        cap = ControllerService.MAX_WATCHES_PER_AGENT
+        n = cap + 4
+        req = pb.WatchDirectivesRequest(job_id="one", agent_id=agent)
+        for i in range(n):
+            calls.append(stub.WatchDirectives(req, timeout=30))
+            if i < cap:
+                assert await _until(lambda: _watching(ctl, "one") == i + 1)
+                continue
+            # one more than the cap: the agent's oldest open stream ends, saying why
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await asyncio.wait_for(calls[i - cap].read(), 5)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "newer directive stream" in e.value.details()
+            assert await _until(lambda: _watching(ctl, "one") == cap)
+        ctl.core.issue_directive(ctl.core.registry.job("one"), Config(2, 16, 0), "x")
+        got = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls[4:])), 10)
+        assert [d.generation for d in got] == [1] * (n - 4)
+        for c in calls[4:]:
+            c.cancel()
+        assert await _until(lambda: _watching(ctl, "one") == 0), _watching(ctl, "one")
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        ctl.stop(grace_s=0.2)
+    _run(ctl, scenario)
 
 
 @pytest.mark.timeout(60)
 def test_calls_beyond_max_concurrent_rpcs_are_refused():
     ctl = _controller(max_concurrent_rpcs=20)
 
-    async def scenario():
-        ch = grpc.aio.insecure_channel(ctl.address)
-        calls = []
-        try:
-            stub = pb_grpc.ControllerStub(ch)
-            agents = await _register(stub, "many", 30)
-            calls = [stub.WatchDirectives(pb.WatchDirectivesRequest(
-                job_id="many", agent_id=a), timeout=3) for a in agents]
-            codes = []
-            for c in calls:
-                try:
-                    while await c.read() is not grpc.aio.EOF:
-                        pass
-                    codes.append(await c.code())
-                except grpc.aio.AioRpcError as exc:
-                    codes.append(exc.code())
-            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 10, codes
-            assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  grpc.StatusCode.DEADLINE_EXCEEDED}, codes
-            # the limit counts calls in progress: once they ended, calls are served again
-            resp = await stub.ListJobs(pb.ListJobsRequest(job_id="many"), timeout=5)
-            assert len(resp.jobs[0].agents) == 30
-        finally:
-            for c in calls:
-                c.cancel()
-            await ch.close()
+    async def scenario(stub, calls):
+        agents = await _register(stub, "many", 30)
+        calls.extend(stub.WatchDirectives(pb.WatchDirectivesRequest(
+            job_id="many", agent_id=a), timeout=3) for a in agents)
+        codes = []
+        for c in calls:
+            try:
+                while await c.read() is not grpc.aio.EOF:
+                    pass
+                codes.append(await c.code())
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 10, codes
+        assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+        # the limit counts calls in progress: once they ended, calls are served again
+        resp = await stub.ListJobs(pb.ListJobsRequest(job_id="many"), timeout=5)
+        assert len(resp.jobs[0].agents) == 30
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        ctl.stop(grace_s=0.2)
+    _run(ctl, scenario)
 
 
 @pytest.mark.timeout(60)
@@ -205,10 +191,8 @@ def test_set_bounds_runs_off_the_event_loop():
         return original(*args)
     ctl.core.set_bounds = slow_set_bounds
 
-    async def scenario():
-        ch = grpc.aio.insecure_channel(ctl.address)
+    async def scenario(stub, calls):
         try:
-            stub = pb_grpc.ControllerStub(ch)
             (a,) = await _register(stub, "slow", 1)
             (b,) = await _register(stub, "fast", 1)
             pending = asyncio.ensure_future(stub.SetBounds(pb.SetBoundsRequest(
@@ -223,11 +207,6 @@ def test_set_bounds_runs_off_the_event_loop():
             status = await asyncio.wait_for(pending, 10)
             assert (status.bounds.min_workers, status.bounds.max_workers) == (1, 2)
         finally:
-            release.set()
-            await ch.close()
+            release.set()       # the executor thread never outwaits the test
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        release.set()
-        ctl.stop(grace_s=0.2)
+    _run(ctl, scenario)

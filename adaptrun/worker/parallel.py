@@ -241,6 +241,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._small_count = 0
         self._micro_seen = 0            # micro-batches measured by _next_micro this step
         self._big_sqr = 0.0
+        self._pre = None                # this step's preconditioner view (_preconditioner)
         self._sync_start = None
         self._sync_end = None
 
@@ -266,6 +267,8 @@ class AdaptiveDataParallel(torch.nn.Module):
         """Per parameter (id) of an Adam-family optimizer: (v, 1 - beta2^t, eps), so that
         ``_sqr_norm`` measures g / (sqrt(v / (1 - beta2^t)) + eps) as it goes: no copy of the
         preconditioner is kept (it would be another model-sized buffer), none goes stale."""
+        if self._pre is not None:          # once per step: the state changes only at step()
+            return self._pre
         pre = {}
         for group in self.optimizer.param_groups:
             beta2 = group.get("betas", (0.9, 0.999))[1]
@@ -276,6 +279,7 @@ class AdaptiveDataParallel(torch.nn.Module):
                 if v is not None:
                     t = float(st.get("step", 1))
                     pre[id(p)] = (v.reshape(-1), 1.0 - beta2 ** max(t, 1.0), eps)
+        self._pre = pre
         return pre
 
     @staticmethod
