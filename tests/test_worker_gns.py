@@ -28,7 +28,9 @@ def test_noise_scale_matches_analytic_truth(tmp_path, nproc, accum, steps):
             "--epochs", "1", "--max-steps", str(steps), "--gns-decay", "0.995",
             "--out", str(tmp_path)]
     cmd = harness.torchrun("1", nproc, port, f"gns{nproc}", args)
-    env = harness.base_env(ADAPTRUN_SNAPSHOT_DIR=tmp_path / "snap")
+    # The estimator's accuracy at a known number of samples: the cadence is pinned at its
+    # most frequent (by default it follows the measured cost, which moves with the machine).
+    env = harness.base_env(ADAPTRUN_SNAPSHOT_DIR=tmp_path / "snap", ADAPTRUN_GNS_EVERY=4)
     log = tmp_path / "torchrun.log"
     proc = harness.start(cmd, env, log)
     t0 = time.monotonic()
@@ -41,6 +43,18 @@ def test_noise_scale_matches_analytic_truth(tmp_path, nproc, accum, steps):
     err = abs(result["noise_scale"] - TRUTH) / TRUTH
     print(f"\nGNS {nproc} procs x {accum + 1} micro-batches: measured "
           f"{result['noise_scale']:.3f} truth {TRUTH:.3f} "
-          f"error {100 * err:.2f}% ({time.monotonic() - t0:.1f}s)")
+          f"error {100 * err:.2f}% cadence {result['gns_every_steps']} ({time.monotonic() - t0:.1f}s)")
     assert result["step"] == steps
     assert err < 0.10
+
+
+def test_the_measuring_cadence_keeps_measuring_within_its_budget():
+    from adaptrun.worker.parallel import measuring_cadence
+    # Cheap statistics (an SGD step's two dot products): every 4th step, the most often.
+    assert measuring_cadence(0.001, 0.040) == 4
+    # Adam's preconditioned norms at 12 ms on a 45 ms step: 2% of the step needs 14 steps.
+    assert measuring_cadence(0.012, 0.045) == 14
+    assert 0.012 / (measuring_cadence(0.012, 0.045) * 0.045) <= 0.02
+    # Never rarer than every 64th step, whatever it costs; no step time known: the rarest.
+    assert measuring_cadence(10.0, 0.010) == 64
+    assert measuring_cadence(0.001, 0.0) == 64

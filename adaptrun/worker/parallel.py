@@ -1,20 +1,26 @@
 """AdaptiveDataParallel: DDP that measures the gradient noise for free and rescales the LR.
 
 What it does each optimizer step (no extra backward, one tiny extra all-reduce):
-- Every ``gns_every_steps``-th step (default 4, ``ADAPTRUN_GNS_EVERY``; the same steps on every
-  rank) is *measured*; the others only scale the buckets, as DDP's own hook does.
+- Every ``gns_every_steps``-th step (the same steps on every rank) is *measured*; the others
+  only scale the buckets, as DDP's own hook does. By default the cadence is chosen so that
+  measuring costs at most 2% of the step time (every 4th step at the most often, every 64th at
+  the least; rank 0 times it and the ranks agree on it through the per-step sum below);
+  ``gns_every_steps=N`` or ``ADAPTRUN_GNS_EVERY=N`` pins it.
 - On a measured step a DDP communication hook sees each gradient bucket before and after the
   all-reduce. Before,
-  it takes the squared norm of this rank's local gradient (or, with accumulation, of the last
-  micro-batch's gradient; earlier micro-batches are measured between micro-batches from the
-  difference of the accumulated gradient) and scales the bucket by this rank's weight
+  it takes the squared norm of this rank's local gradient and scales the bucket by this rank's
+  weight
   n_rank / (micro_batches * step_size) (see ``sampler``), so the sum is the exact mean gradient
   even for a ragged last step. After, it takes the squared norm of the averaged gradient.
+  With accumulation every micro-batch is a small-batch sample: those before the last are
+  measured between micro-batches (the first directly, later ones as the difference of the
+  accumulated gradient), the last in the hook as the bucket less the gradient accumulated
+  before it.
   Adam-family optimizers (state ``exp_avg_sq``) are measured on the preconditioned gradient
   g / (sqrt(v / (1 - beta2^t)) + eps) (``gns.precondition``'s formula, in torch), computed in
   cache-sized chunks as it goes: no model-sized temporary or stored preconditioner.
-- Once per step the ranks sum a few floats: the local small-batch norms, the SIGTERM flags and
-  rank 0's pending directive, so every rank holds the same numbers. The sum is launched behind
+- Once per step the ranks sum a few floats: the local small-batch norms, the SIGTERM flags,
+  rank 0's measuring cadence and its pending directive, so every rank holds the same numbers. The sum is launched behind
   the step's last gradient bucket (``GradBucket.is_last``) on the same group, and
   ``optimizer.step()``'s pre-hook waits on it: no blocking round trip of its own.
   ``gns.unbiased_estimates`` turns them into |G|^2 and tr(Sigma), which the ``gns.GNSState``
@@ -52,8 +58,27 @@ from .ghost_bn import convert_ghost_batch_norm
 __all__ = ["AdaptiveDataParallel"]
 
 _DIRECTIVE_POLL_S = 0.1
-_GNS_EVERY = 4             # steps between measured ones (ADAPTRUN_GNS_EVERY)
-_CHUNK = 1 << 20           # elements: a preconditioned norm's temporaries stay in cache
+_GNS_EVERY = 4             # the fewest steps between measured ones
+_GNS_EVERY_MAX = 64        # the most, when measuring is expensive
+_GNS_BUDGET = 0.02         # automatic cadence: measuring costs this fraction of the step time
+_CHUNK = 1 << 18           # elements: a preconditioned norm's scratch stays in cache
+
+
+_PLAIN_ATTRS = frozenset({
+    "_small_sum", "_small_count", "_micro_seen", "_big_sqr", "_pre", "_sync_start",
+    "_sync_end", "_measure_main", "_measure_cb", "_plan", "_input_batch", "_micro_batches",
+    "_weight", "_stats_on", "_agreed", "_gain", "_lr_factor", "_user_lrs", "_t_last_step",
+    "_last_poll", "_offer", "_pending", "_measure_cost", "_step_cost", "lr", "_loss",
+    "_progress", "gns_every_steps", "_last_times", "_resize_gap_s", "_reform_at",
+    "_generation", "_gns"})
+
+
+def measuring_cadence(measure_s: float, step_s: float, budget: float = _GNS_BUDGET) -> int:
+    """Steps between measured ones so that measuring (``measure_s`` per measured step) costs
+    at most ``budget`` of the time of a step (``step_s``): every 4th step at the most often,
+    every 64th at the least."""
+    every = math.ceil(measure_s / (budget * step_s)) if step_s > 0 else _GNS_EVERY_MAX
+    return min(max(every, _GNS_EVERY), _GNS_EVERY_MAX)
 
 
 class AdaptiveDataParallel(torch.nn.Module):
@@ -72,6 +97,9 @@ class AdaptiveDataParallel(torch.nn.Module):
         if world.backend == "nccl":
             model = model.cuda(world.local_rank)
             ddp_kwargs.setdefault("device_ids", [world.local_rank])
+        # Gradients live in DDP's buckets: no copy into the bucket before the all-reduce and
+        # none back after it, two passes over the gradients that pay for the hook's scaling.
+        ddp_kwargs.setdefault("gradient_as_bucket_view", True)
         self._ddp_kwargs = ddp_kwargs
         # A restored world holds one state on every rank already (``Job.restore``): DDP's
         # start-up broadcast of the model would be another copy of it on the resize's path.
@@ -83,12 +111,17 @@ class AdaptiveDataParallel(torch.nn.Module):
         self.scaling_rule = scaling_rule if scaling_rule is not None else AdaScale()
         self.report_every_steps = int(report_every_steps)
         self._world = world
-        if gns_every_steps is None:
-            gns_every_steps = int(os.environ.get("ADAPTRUN_GNS_EVERY", str(_GNS_EVERY)))
-        if isinstance(gns_every_steps, bool) or not isinstance(gns_every_steps, int) \
-                or gns_every_steps < 1:
+        if gns_every_steps is None and os.environ.get("ADAPTRUN_GNS_EVERY"):
+            gns_every_steps = int(os.environ["ADAPTRUN_GNS_EVERY"])
+        if gns_every_steps is not None and (
+                isinstance(gns_every_steps, bool) or not isinstance(gns_every_steps, int)
+                or gns_every_steps < 1):
             raise ValueError(f"gns_every_steps must be an int >= 1, got {gns_every_steps!r}")
-        self.gns_every_steps = gns_every_steps
+        self._gns_auto = gns_every_steps is None
+        self._gns_every_pinned = gns_every_steps or _GNS_EVERY
+        self.gns_every_steps = self._gns_every_pinned     # the cadence in force
+        self._measure_cost = None      # rank 0: EMA of seconds spent measuring a measured step
+        self._step_cost = None         # rank 0: EMA of seconds per step
         # gns_decay per measured step: the averages keep as many samples as when every step
         # was measured, over gns_every_steps times as many steps.
         self._gns = GNSState(decay=gns_decay)
@@ -112,6 +145,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._step_times: list[float] = []
         self._sync_times: list[float] = []
         self._prev: dict[int, torch.Tensor] = {}     # accumulated grads before this micro-batch
+        self._measure_main = self._measure_cb = 0.0  # this step's seconds measuring (2 threads)
         self._reset_step_stats()
         self._begin_step(None, None)
         self._wrap_optimizer(optimizer)
@@ -124,6 +158,14 @@ class AdaptiveDataParallel(torch.nn.Module):
             reg.register("lr_scheduler", lr_scheduler)
         reg.register("adaptrun.parallel", self._State(self))
         self._job.parallel = self
+
+    def __setattr__(self, name, value):
+        # The per-step bookkeeping (dozens of plain attributes a step) skips nn.Module's
+        # registration checks; modules and parameters (``ddp``) still go through them.
+        if name in _PLAIN_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def _wrap_optimizer(self, optimizer) -> None:
         """step() only on a step's last micro-batch, zero_grad() only on its first."""
@@ -160,6 +202,9 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._t_last_step = None
         self._offer = self._pending = self._reform_at = None
         self._last_poll = 0.0
+        # Joiners start at the first cadence: so does every survivor, so all ranks agree.
+        self.gns_every_steps = self._gns_every_pinned
+        self._measure_cost = self._step_cost = None
         self._reset_step_stats()
 
     # ---- the wrapped module ----------------------------------------------------------
@@ -244,6 +289,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._pre = None                # this step's preconditioner view (_preconditioner)
         self._sync_start = None
         self._sync_end = None
+        self._measure_main = self._measure_cb = 0.0
 
     def _begin_step(self, plan, rank_slice) -> None:
         """The loader starts a step: how this rank's gradient is weighted and measured."""
@@ -288,6 +334,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         optimizer keeps v: plain dot products, the preconditioned ones in cache-sized chunks
         (their temporaries never grow with the model). No host sync."""
         total = None
+        scratch = None
         for p, g in zip(params, grads):
             g = g.reshape(-1)
             if g.dtype in (torch.float16, torch.bfloat16):
@@ -298,8 +345,12 @@ class AdaptiveDataParallel(torch.nn.Module):
             else:
                 v, bias2, eps = w
                 part = None
+                if scratch is None or scratch.dtype != v.dtype or scratch.device != v.device:
+                    scratch = torch.empty(_CHUNK, dtype=v.dtype, device=v.device)
                 for gs, vs in zip(g.split(_CHUNK), v.split(_CHUNK)):
-                    d = torch.div(gs, torch.div(vs, bias2).sqrt_().add_(eps))
+                    d = scratch[:gs.numel()]
+                    torch.div(vs, bias2, out=d).sqrt_().add_(eps)
+                    torch.div(gs, d, out=d)
                     dd = torch.dot(d, d)
                     part = dd if part is None else part + dd
                 if part is None:
@@ -308,23 +359,29 @@ class AdaptiveDataParallel(torch.nn.Module):
         return total if total is not None else torch.zeros(())
 
     def _next_micro(self) -> None:
-        """Between micro-batches: measure the one just backpropagated (accumulated - prev)."""
+        """Between micro-batches: measure the one just backpropagated (the accumulated
+        gradient, less the one accumulated before it after the first), and keep the
+        accumulated gradient for the next difference."""
         if not self._stats_on:
             return
+        t0 = time.perf_counter()
         pre = self._preconditioner()
+        first = self._micro_seen == 0
         with torch.no_grad():
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
-                    if p.grad is None:
+                    g = p.grad
+                    if g is None:
                         continue
                     prev = self._prev.get(id(p))
-                    if prev is None or prev.shape != p.grad.shape:
-                        prev = self._prev[id(p)] = torch.zeros_like(p.grad)
-                    d = p.grad if self._micro_seen == 0 else p.grad - prev
-                    self._small_sum = self._small_sum + self._sqr_norm([d], [p], pre)
-                    prev.copy_(p.grad)
+                    if prev is None or prev.shape != g.shape:
+                        prev = self._prev[id(p)] = torch.zeros_like(g)
+                    own = g if first else torch.sub(g, prev)
+                    self._small_sum = self._small_sum + self._sqr_norm([own], [p], pre)
+                    prev.copy_(g)
         self._small_count += 1
         self._micro_seen += 1
+        self._measure_main += time.perf_counter() - t0
 
     def _comm_hook(self, _state, bucket):
         buf = bucket.buffer()
@@ -332,16 +389,19 @@ class AdaptiveDataParallel(torch.nn.Module):
             self._sync_start = time.perf_counter()
         stats = self._stats_on
         if stats:
+            t0 = time.perf_counter()
             params, grads = bucket.parameters(), bucket.gradients()
             sizes = [g.numel() for g in grads]
             pre = self._preconditioner()
             with torch.no_grad():
                 if self._micro_seen > 0:      # accumulation: the last micro-batch's own part
-                    grads = [g if self._prev.get(id(p)) is None else g - self._prev[id(p)]
+                    prev = self._prev
+                    grads = [g if prev.get(id(p)) is None else torch.sub(g, prev[id(p)])
                              for p, g in zip(params, grads)]
                 self._small_sum = self._small_sum + self._sqr_norm(grads, params, pre)
             if bucket.index() == 0:
                 self._small_count += 1
+            self._measure_main += time.perf_counter() - t0
         buf.mul_(self._weight)
         pg = self._pg
         fut = pg.allreduce([buf]).get_future()
@@ -355,10 +415,12 @@ class AdaptiveDataParallel(torch.nn.Module):
         def done(f):
             reduced = f.value()[0]
             if stats:
+                t0 = time.perf_counter()
                 with torch.no_grad():
                     parts = reduced.split(sizes) if sum(sizes) == reduced.numel() else [reduced]
                     self._big_sqr = self._big_sqr + self._sqr_norm(
                         parts, params if len(parts) == len(params) else [None], pre)
+                self._measure_cb += time.perf_counter() - t0
             self._sync_end = time.perf_counter()
             return reduced
 
@@ -379,12 +441,32 @@ class AdaptiveDataParallel(torch.nn.Module):
 
     def _agreement(self) -> torch.Tensor:
         """What the ranks sum once per step: this rank's small-batch norms, its SIGTERM flag
-        and (rank 0) the directive it offers."""
+        and (rank 0) the measuring cadence and the directive it offers."""
         self._poll_directive()
+        lead = self._world.rank == 0
         return torch.tensor([float(self._small_sum), float(self._small_count),
-                             1.0 if self._job.term_requested else 0.0]
-                            + directive_mod.to_vector(self._offer if self._world.rank == 0
-                                                      else None), dtype=torch.float64)
+                             1.0 if self._job.term_requested else 0.0,
+                             float(self._proposed_cadence()) if lead else 0.0]
+                            + directive_mod.to_vector(self._offer if lead else None),
+                            dtype=torch.float64)
+
+    def _proposed_cadence(self) -> int:
+        """Rank 0: the cadence it proposes (0: none; pinned, or nothing timed yet)."""
+        if not self._gns_auto or self._measure_cost is None or not self._step_cost:
+            return 0
+        return measuring_cadence(self._measure_cost, self._step_cost)
+
+    def _time_measuring(self, measured: bool) -> None:
+        """Rank 0, after a step: the EMAs the cadence is chosen from."""
+        if self._world.rank != 0 or not self._gns_auto:
+            return
+        if measured:
+            cost = self._measure_main + self._measure_cb
+            self._measure_cost = cost if self._measure_cost is None else \
+                0.8 * self._measure_cost + 0.2 * cost
+        if self._step_times:
+            dt = self._step_times[-1]
+            self._step_cost = dt if self._step_cost is None else 0.9 * self._step_cost + 0.1 * dt
 
     def _before_step(self) -> None:
         self._job.wait_for_copy()               # a snapshot still copying what step changes
@@ -397,10 +479,12 @@ class AdaptiveDataParallel(torch.nn.Module):
             vec = self._agreement()
             if world.world_size > 1:
                 dist.all_reduce(vec)
-        small_sum, small_count, term = (float(x) for x in vec[:3])
+        small_sum, small_count, term, cadence = (float(x) for x in vec[:4])
         # The averaged gradient is the same on every rank: its norm needs no reduction.
         big_sqr = float(self._big_sqr)
-        offered = directive_mod.from_vector(vec[3:])
+        if cadence >= 1:                         # from the next step, the same on every rank
+            self.gns_every_steps = int(cadence)
+        offered = directive_mod.from_vector(vec[4:])
         if offered is not None and offered.generation > self._generation:
             self._pending = offered
         if term > 0:
@@ -438,6 +522,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         if self._t_last_step is not None:
             self._step_times.append(now - self._t_last_step)
         self._t_last_step = now
+        self._time_measuring(self._stats_on)
         self._reset_step_stats()
         if self._world.rank == 0 and self.report_every_steps > 0 \
                 and self.step % self.report_every_steps == 0:

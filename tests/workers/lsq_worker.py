@@ -146,7 +146,7 @@ def main() -> None:
             break
     if world.rank == 0 and out:
         with open(os.path.join(out, "result.json"), "w") as f:
-            json.dump({"noise_scale": model.noise_scale, "grad_sqr": model.grad_sqr,
+            json.dump({"noise_scale": model.noise_scale, "gns_every_steps": model.gns_every_steps, "grad_sqr": model.grad_sqr,
                        "w_err": float((model.module.w.detach() - data.w_star).norm()),
                        "trace_sigma": model.grad_var * loader.state.init_batch,
                        "step": model.step, "world": world.world_size, "restored": restored,
