@@ -538,13 +538,18 @@ def _batch_caps(command):
 @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
               help="Start the next round's workers ahead (torch imported) while the old "
                    "world trains; off: plain `python train.py` per round.")
+@click.option("--exit-with-parent", is_flag=True,
+              help="Stop (as on SIGTERM) when the process that started this agent ends: "
+                   "`adaptrun run` starts its agents so, and a kill -9 of it leaves none "
+                   "running.")
 @_client_security
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_conf,
                   max_restarts, node, local_addr, min_workers, max_workers, init_batch,
                   max_global_batch, local_batch_min, local_batch_max, snapshot_dir,
-                  controller_wait_s, warm_start, verbose, command, credentials):
+                  controller_wait_s, warm_start, exit_with_parent, verbose, command,
+                  credentials):
     """Run this node's workers of a job: `adaptrun agent --job ID ... -- python train.py ARGS`."""
     import logging
     import os
@@ -577,7 +582,8 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
                          rdzv_endpoint=rdzv_endpoint, rdzv_conf=conf,
                          max_restarts=max_restarts, node=node, local_addr=local_addr,
                          bounds=bounds, snapshot_dir=snapshot_dir,
-                         controller_wait_s=controller_wait_s, warm_start=warm_start)
+                         controller_wait_s=controller_wait_s, warm_start=warm_start,
+                         parent_pid=os.getppid() if exit_with_parent else None)
     try:
         agent = Agent(config)
     except AgentError as exc:

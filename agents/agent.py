@@ -118,6 +118,7 @@ class AgentConfig:
     term_grace_s: float = 15.0
     warm_start: bool = True
     standby_after_s: float = 5.0      # warm spares for a failure restart, once training runs
+    parent_pid: int | None = None     # stop as on SIGTERM when this parent ends
 
     def nodes_for(self, workers: int) -> int:
         return max(1, math.ceil(workers / self.nproc_per_node))
@@ -268,6 +269,7 @@ ORDER_KEY = "order/{}"         # in a round's store: a group rank's leave-order 
 # A cluster deletes the pods of a scale-down after the controller sent the directive; a
 # SIGTERM is held this long for that directive before it counts as a plain stop.
 SIGTERM_DIRECTIVE_WAIT_S = 1.0
+PARENT_POLL_S = 0.5          # --exit-with-parent: how often the parent is looked for
 
 
 @dataclass
@@ -403,6 +405,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
         fast_polling(c.rdzv_conf.poll_s)
+        if c.parent_pid is not None:
+            self._watch_parent(c.parent_pid)
         try:
             self._ensure_spares()   # their imports overlap the agent's own start-up
             self._start_client()
@@ -433,6 +437,18 @@ class Agent:
             self._reap_retiring(wait_s=10.0)
             self._close_client()
             shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def _watch_parent(self, parent: int) -> None:
+        """Started by ``adaptrun run``: when it ends (even by kill -9, which lets it stop
+        nothing) this process is re-parented; stop then as on SIGTERM, workers included."""
+        def watch():
+            while not self._heartbeat_stop.wait(PARENT_POLL_S):
+                if os.getppid() != parent:
+                    log.warning("the process that started this agent (pid %d) ended: "
+                                "stopping", parent)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+        threading.Thread(target=watch, name="adaptrun-parent-watch", daemon=True).start()
 
     def _close_client(self) -> None:
         if self.client is None:

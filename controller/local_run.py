@@ -132,7 +132,7 @@ class LocalRun:
     def _agent_argv(self, job_id: str, node: str) -> list[str]:
         c = self.config
         nodes = (c.min_workers // c.nproc_per_node, c.max_workers // c.nproc_per_node)
-        return [sys.executable, "-m", "adaptrun.cli", "agent",
+        return [sys.executable, "-m", "adaptrun.cli", "agent", "--exit-with-parent",
                 "--controller", self.controller.address, "--job", job_id, "--node", node,
                 "--nproc-per-node", str(c.nproc_per_node), "--nnodes", f"{nodes[0]}:{nodes[1]}",
                 "--min-workers", str(c.min_workers), "--max-workers", str(c.max_workers),

@@ -8,10 +8,12 @@ process. The whole process group of the run is killed in ``finally``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -150,3 +152,52 @@ def _attack(controller: str) -> None:
         got, details = rejected(lambda: send_reports(
             stub, agent, [report("intruder", step=i) for i in range(1, 500)], timeout=20))
         assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and "faster than" in details
+
+
+def _pids_with(marker: str) -> list[int]:
+    """Live processes whose command line holds ``marker`` (this test's temp dir)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                    errors="replace")
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if marker in cmdline and state != "Z":
+                found.append(int(d.name))
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_adaptrun_run_leaves_no_agent_or_worker_running(tmp_path):
+    """kill -9 of `adaptrun run` stops nothing itself: its agents see it gone and stop, and
+    their workers die with them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "adaptrun.cli", "run", "--job", "orphan", "--min-workers", "2",
+           "--max-workers", "2", "--log-dir", str(tmp_path / "logs"), "--plot", "",
+           "--no-progress", "--", sys.executable, str(harness.WORKER), "--samples", "100000",
+           "--batch", "16", "--epochs", "50", "--step-sleep", "0.02", "--out", str(out)]
+    proc = harness.start(cmd, harness.base_env(), tmp_path / "run.log")
+    marker = str(tmp_path)
+    try:
+        harness.wait_steps(out, lambda r: r["world"] == 2, 5, 90, [proc])
+        started = _pids_with(marker)
+        assert len(started) >= 4, f"expected 2 agents and 2 workers, found pids {started}"
+        proc.kill()                   # the run process alone: its agents are in own sessions
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 45
+        while (left := _pids_with(marker)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, (f"still running 45 s after `adaptrun run` was killed: {left}\n"
+                          + "".join(harness.tail(p, 1500)
+                                    for p in (tmp_path / "logs").glob("agent-*.log")))
+    finally:
+        harness.stop(proc)
+        for pid in _pids_with(marker):          # only what this test started (its temp dir)
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
