@@ -20,7 +20,8 @@ What it does each optimizer step (no extra backward, one tiny extra all-reduce):
   g / (sqrt(v / (1 - beta2^t)) + eps) (``gns.precondition``'s formula, in torch), computed in
   cache-sized chunks as it goes: no model-sized temporary or stored preconditioner.
 - Once per step the ranks sum a few floats: the local small-batch norms, the SIGTERM flags,
-  rank 0's measuring cadence and its pending directive, so every rank holds the same numbers. The sum is launched behind
+  rank 0's measuring cadence and its pending directive, so every rank holds the same numbers.
+  The sum is launched behind
   the step's last gradient bucket (``GradBucket.is_last``) on the same group, and
   ``optimizer.step()``'s pre-hook waits on it: no blocking round trip of its own.
   ``gns.unbiased_estimates`` turns them into |G|^2 and tr(Sigma), which the ``gns.GNSState``
