@@ -84,6 +84,7 @@ RESTART_COUNT_KEY = "adaptrun/restart_count"
 FORMED_KEY = "formed"          # in the job's agent store: the newest round that formed
 FINAL_KEY = "final"            # "<run id> <nodes>": the job finished in that round
 COMMITTED_KEY = "committed"    # the newest step the job's reports showed
+TRAINED_KEY = "trained"        # the step at which rank 0 reported the job finished training
 ALIVE_KEY = "alive"            # a counter every agent in the job bumps every ALIVE_EVERY_S
 ALIVE_EVERY_S = 0.5
 # A node waiting to join sees no bump this long: no agent runs the job (all were lost), so it
@@ -147,6 +148,7 @@ class ReportRelay:
         self.offset = 0
         self.relayed = 0
         self.last_step = 0
+        self.finished = False         # rank 0 reported the last epoch done
         self._pending: Report | None = None
         self._last_sent_s = -math.inf
 
@@ -167,6 +169,7 @@ class ReportRelay:
                     new = Report(**{k: v for k, v in d.items() if k in self._FIELDS}).validate()
                     self._pending = _carry_once_fields(self._pending, new)
                     self.last_step = max(self.last_step, new.step)
+                    self.finished = self.finished or new.finished
                 except (ValueError, TypeError) as exc:
                     log.warning("dropping a report the workers wrote that is not valid: %s", exc)
         now = time.monotonic()
@@ -469,6 +472,16 @@ class Agent:
         return self.store.call(lambda s: json.loads(s.get(FORMED_KEY))
                                if s.check([FORMED_KEY]) else None)
 
+    def _trained_step(self) -> int | None:
+        """The step at which the job finished training (this node's relay saw rank 0 say so,
+        or another agent did), or None while it trains."""
+        self.relay.pump(flush=True)
+        if self.relay.finished:
+            return self.relay.last_step
+        step = self.store.call(lambda s: int(s.get(TRAINED_KEY))
+                               if s.check([TRAINED_KEY]) else None, None)
+        return step
+
     def _job_done(self) -> bool:
         if self.client is not None and self.client.job_done.is_set():
             return True
@@ -652,6 +665,15 @@ class Agent:
                     return 0
                 spec = nxt
                 continue
+            trained = self._trained_step()
+            if trained is not None:
+                # The workers finished the job's epochs and cleared their snapshots; what
+                # failed ran after that (the script's own ending). A restart would find no
+                # state and train again from step 0: say so instead.
+                log.error("the workers exited with an error after job %s finished training "
+                          "(step %d): not restarting; see the worker output above",
+                          c.job_id, trained)
+                return 1
             restarts += 1
             if restarts > c.max_restarts:
                 log.error("workers failed and the %d restarts (--max-restarts) are used up; "
@@ -791,6 +813,8 @@ class Agent:
                 if self.relay.last_step > committed:
                     committed = self.relay.last_step
                     self.store.remember(COMMITTED_KEY, str(committed))
+                    if self.relay.finished:
+                        self.store.remember(TRAINED_KEY, str(committed))
                 self.store.reconnect()            # after its host restarted (no-op otherwise)
                 if self._retiring:
                     self._reap_retiring()
@@ -849,6 +873,8 @@ class Agent:
                     break
         finally:
             self.relay.pump()
+            if self.relay.finished:
+                self.store.remember(TRAINED_KEY, str(self.relay.last_step))
             if not peer_failed and workers.outcome() is Outcome.FAILED:
                 log.warning("workers failed (%s): telling the other agents",
                             workers.describe_failure())

@@ -122,6 +122,32 @@ def test_two_agents_train_to_the_end_exactly_once(tmp_path):
                 harness.stop(p)
 
 
+def test_a_script_that_fails_after_training_is_not_trained_again(tmp_path):
+    """The job finished its epochs (its snapshots cleared), then the script's own ending
+    failed: the agent says so and exits 1 instead of restarting, which could only find no
+    state and train from step 0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = [LSQ, "--out", str(out), "--samples", "256", "--epochs", "1",
+              "--exit-code-at-end", "3"]
+    log = tmp_path / "agent.log"
+    with controller() as ctl, rdzv_store() as rdzv:
+        proc = harness.start(agent_argv("after", "n0", controller_addr=ctl.address, rdzv=rdzv,
+                                        snapshot_dir=tmp_path / "snap", worker=worker),
+                             harness.base_env(), log)
+        try:
+            codes = harness.wait_all([proc], 90)
+        finally:
+            harness.stop(proc)
+    text = log.read_text(errors="replace")
+    assert codes == [1], harness.tail(log)
+    assert "after job after finished training (step 4)" in text, harness.tail(log)
+    assert "MissingStateError" not in text and "restarting the workers" not in text, \
+        harness.tail(log)
+    starts = [r for r in harness.read_steps(out) if r.get("event") == "start"]
+    assert len(starts) == 1, f"the script ran {len(starts)} times: {starts}"
+
+
 def test_planned_scale_up_and_down_through_the_controller(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

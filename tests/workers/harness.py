@@ -94,10 +94,17 @@ def read_steps(out: Path) -> list[dict]:
 
 
 def tail(path: Path, n: int = 4000) -> str:
+    """The log's last ``n`` characters, after its first error when that lies earlier: a
+    failure's restarts repeat their own tracebacks and would hide the one that began it."""
     try:
-        return path.read_text(errors="replace")[-n:]
+        text = path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
+    first = min((i for i in (text.find("Traceback"), text.find("WARNING")) if i >= 0),
+                default=-1)
+    if 0 <= first < len(text) - n:
+        return text[first:first + n // 2] + "\n[...]\n" + text[-n:]
+    return text[-n:]
 
 
 def wait_steps(out: Path, predicate, count: int, timeout_s: float, procs=()) -> list[dict]:

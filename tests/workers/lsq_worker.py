@@ -77,6 +77,8 @@ def main() -> None:
                    help="when it exists, seconds to sleep after each step (read every step)")
     p.add_argument("--accum", type=int, default=0,
                    help="start with this many extra micro-batches (a directive to itself)")
+    p.add_argument("--exit-code-at-end", type=int, default=0,
+                   help="exit with this code after training (a script whose ending fails)")
     p.add_argument("--out", default="")
     args = p.parse_args()
 
@@ -154,6 +156,8 @@ def main() -> None:
     if log:
         log.write(json.dumps({"event": "end", "rank": world.rank, "step": model.step}) + "\n")
         log.close()
+    if args.exit_code_at_end:
+        raise SystemExit(args.exit_code_at_end)
 
 
 if __name__ == "__main__":
