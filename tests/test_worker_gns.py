@@ -58,3 +58,9 @@ def test_the_measuring_cadence_keeps_measuring_within_its_budget():
     # Never rarer than every 64th step, whatever it costs; no step time known: the rarest.
     assert measuring_cadence(10.0, 0.010) == 64
     assert measuring_cadence(0.001, 0.0) == 64
+    # A millisecond step of Python (examples/linear_regression.py: 0.15 ms measuring on a 1 ms
+    # step, 15 %): 0.25 ms per step is affordable, so it keeps every 4th step and its samples,
+    # also when a loaded machine doubles both times.
+    assert measuring_cadence(0.15e-3, 1.0e-3) == 4
+    assert measuring_cadence(0.30e-3, 2.0e-3) == 4
+    assert measuring_cadence(2.0e-3, 2.0e-3) == 8

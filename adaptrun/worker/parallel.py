@@ -62,6 +62,7 @@ _DIRECTIVE_POLL_S = 0.1
 _GNS_EVERY = 4             # the fewest steps between measured ones
 _GNS_EVERY_MAX = 64        # the most, when measuring is expensive
 _GNS_BUDGET = 0.02         # automatic cadence: measuring costs this fraction of the step time
+_GNS_FLOOR_S = 0.25e-3     # ... or this many seconds per step, where that is more
 _CHUNK = 1 << 18           # elements: a preconditioned norm's scratch stays in cache
 
 
@@ -76,10 +77,22 @@ _PLAIN_ATTRS = frozenset({
 
 def measuring_cadence(measure_s: float, step_s: float, budget: float = _GNS_BUDGET) -> int:
     """Steps between measured ones so that measuring (``measure_s`` per measured step) costs
-    at most ``budget`` of the time of a step (``step_s``): every 4th step at the most often,
-    every 64th at the least."""
-    every = math.ceil(measure_s / (budget * step_s)) if step_s > 0 else _GNS_EVERY_MAX
+    at most ``budget`` of the time of a step (``step_s``), or ``_GNS_FLOOR_S`` per step where
+    that is more: every 4th step at the most often, every 64th at the least. The floor keeps
+    a model whose step is a millisecond of Python from trading its samples (the estimate's
+    accuracy) for a saving no one would notice."""
+    if step_s <= 0:
+        return _GNS_EVERY_MAX
+    every = math.ceil(measure_s / max(budget * step_s, _GNS_FLOOR_S))
     return min(max(every, _GNS_EVERY), _GNS_EVERY_MAX)
+
+
+class _Released(torch.nn.Module):
+    """What ``AdaptiveDataParallel.ddp`` becomes at exit: the module, without DDP's reducer."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
 
 
 class AdaptiveDataParallel(torch.nn.Module):
@@ -107,6 +120,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         self.ddp = DistributedDataParallel(
             model, **{"init_sync": not self._job.state_in_sync, **ddp_kwargs})
         self.ddp.register_comm_hook(None, self._comm_hook)
+        distributed.release_at_exit(self._release_process_group)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.scaling_rule = scaling_rule if scaling_rule is not None else AdaScale()
@@ -207,6 +221,15 @@ class AdaptiveDataParallel(torch.nn.Module):
         self.gns_every_steps = self._gns_every_pinned
         self._measure_cost = self._step_cost = None
         self._reset_step_stats()
+
+    def _release_process_group(self) -> None:
+        """At exit: drop DDP's reducer (it holds the process group) and any collective in
+        flight, keeping the module."""
+        if self._agreed is not None:
+            self._agreed[1].wait()
+            self._agreed = None
+        self.ddp = _Released(self.ddp.module)
+        self._pg = None
 
     # ---- the wrapped module ----------------------------------------------------------
     @property
