@@ -141,6 +141,7 @@ def good_snapshots(world, tmp_path_factory):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
+    job._job._join_writer()       # the last step's write (and its pruning) runs in the background
     files = checkpoint.list_all(d)
     assert len(files) == 2, files
     job._job.parallel = None

@@ -63,6 +63,36 @@ class RNGState:
         random.setstate(state["python"])
 
 
+def take_module_state(module: torch.nn.Module, state: dict) -> bool:
+    """Load ``state`` into ``module`` by handing each parameter and buffer the restored
+    tensor's storage (``t.data = restored``: the same Parameter objects, so an optimizer
+    or DDP built on them still holds them) instead of copying into it: a received state of
+    hundreds of MB is not copied once more on a resize's path, nor held twice. Only where
+    that is what ``load_state_dict`` would do: the same keys, every value a dense tensor of
+    the same shape, strides, dtype and device, and no module with load hooks or its own
+    loading (BatchNorm's only migrates old versions). Returns False, having changed
+    nothing, when not; the caller then loads by copy."""
+    own = module.state_dict(keep_vars=True)
+    if own.keys() != state.keys():
+        return False
+    for m in module.modules():
+        if (m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+                or (type(m)._load_from_state_dict is not torch.nn.Module._load_from_state_dict
+                    and not isinstance(m, torch.nn.modules.batchnorm._NormBase))):
+            return False
+    for k, mine in own.items():
+        t = state[k]
+        if not (isinstance(t, torch.Tensor) and isinstance(mine, torch.Tensor)
+                and t.layout == torch.strided and type(t) is torch.Tensor
+                and t.shape == mine.shape and t.stride() == mine.stride()
+                and t.dtype == mine.dtype and t.device == mine.device):
+            return False
+    with torch.no_grad():
+        for k, mine in own.items():
+            mine.data = state[k]
+    return True
+
+
 class StateRegistry:
     """Named stateful objects; loads each from the restored snapshot as it registers."""
 
@@ -86,8 +116,11 @@ class StateRegistry:
             if name == "optimizer":
                 self._check_optimizer(obj)
             try:
-                obj.load_state_dict(self.restored["states"][name])
-            except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+                state = self.restored["states"][name]
+                if not (isinstance(obj, torch.nn.Module) and take_module_state(obj, state)):
+                    obj.load_state_dict(state)
+            except (KeyError, ValueError, RuntimeError, TypeError, OverflowError, IndexError,
+                    AttributeError) as exc:   # what a damaged file's values raise on loading
                 raise SnapshotMismatchError(
                     f"the snapshot {self.restored_from} does not fit {name!r} "
                     f"({type(exc).__name__}: {str(exc)[:200]}); delete it or set "
@@ -393,7 +426,9 @@ def _exchange(rank: int, world_size: int, on_disk: list, memory, skipped: list,
         if not needers:
             return None               # every rank holds the newest state already
         ranks = sorted({holder, *needers})
-        group = dist.new_group(ranks=ranks)   # every rank calls it, members or not
+        # Every rank calls new_group, members or not; a group of the whole world is the
+        # default one (a new group would connect every pair of ranks again).
+        group = None if len(ranks) == world_size else dist.new_group(ranks=ranks)
         if rank not in needers:
             if rank == holder:
                 _send_from_memory(memory[1](), holder, rank, group)
