@@ -478,9 +478,13 @@ class Agent:
         self.relay.pump(flush=True)
         if self.relay.finished:
             return self.relay.last_step
-        step = self.store.call(lambda s: int(s.get(TRAINED_KEY))
+        return self.store.call(lambda s: int(s.get(TRAINED_KEY))
                                if s.check([TRAINED_KEY]) else None, None)
-        return step
+
+    def _share_trained(self) -> None:
+        """Once rank 0 said the job finished training, tell the other agents (``trained``)."""
+        if self.relay.finished:
+            self.store.remember(TRAINED_KEY, str(self.relay.last_step))
 
     def _job_done(self) -> bool:
         if self.client is not None and self.client.job_done.is_set():
@@ -813,8 +817,7 @@ class Agent:
                 if self.relay.last_step > committed:
                     committed = self.relay.last_step
                     self.store.remember(COMMITTED_KEY, str(committed))
-                    if self.relay.finished:
-                        self.store.remember(TRAINED_KEY, str(committed))
+                    self._share_trained()
                 self.store.reconnect()            # after its host restarted (no-op otherwise)
                 if self._retiring:
                     self._reap_retiring()
@@ -873,8 +876,7 @@ class Agent:
                     break
         finally:
             self.relay.pump()
-            if self.relay.finished:
-                self.store.remember(TRAINED_KEY, str(self.relay.last_step))
+            self._share_trained()
             if not peer_failed and workers.outcome() is Outcome.FAILED:
                 log.warning("workers failed (%s): telling the other agents",
                             workers.describe_failure())
