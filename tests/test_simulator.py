@@ -57,8 +57,10 @@ def test_fixed_init_follows_pollux():
 # The goal (issue 12): within 1.05x of the oracle (the per-epoch optimum in hindsight, resizes
 # paid) and at most 3 % slower than the best fixed configuration. Not met yet where listed: the
 # job starts on one node (the only trace-blind start within 1.05x of the oracle everywhere:
-# from 16 GPUs ncf cannot come under 1.73x), and cifar10 must then grow to 16 GPUs; the
-# resize plus the time the batch takes to catch up with the noise scale cost ~10 %.
+# from 16 GPUs ncf cannot come under 1.73x), and cifar10 must then grow to 16 GPUs. Even the
+# oracle held to that start needs 1.033x there (the floor in the message), which leaves 1.7 %
+# for learning; the early move to 16 (before the noise scale makes it pay) and the batch
+# catching up with the noise scale take ~6 %.
 KNOWN_GAPS = {("cifar10", 16): 1.12}
 
 
@@ -74,10 +76,14 @@ def test_adaptive_against_the_oracle_best_fixed_and_fixed_init(name, gpus):
     oracle = oracle_plan(w, gpus, epochs, resize_cost_s=30.0)
     r0, b0 = fixed_init(w, gpus)
     init_t = fixed_time(w, r0, b0, epochs)
+    floor = oracle_plan(w, gpus, epochs, resize_cost_s=30.0,
+                        start_replicas=ad.timeline[0].replicas)
     vs_oracle, vs_fixed = ad.time_s / oracle.time_s, ad.time_s / best_t
     what = (f"{name} G={gpus}: adaptive {ad.time_s:.0f} s ({ad.resizes} resizes), oracle "
-            f"{oracle.time_s:.0f} s (adaptive/oracle {vs_oracle:.3f}), best fixed {best_t:.0f} s "
+            f"{oracle.time_s:.0f} s (adaptive/oracle {vs_oracle:.3f}; the oracle from the same "
+            f"start: {floor.time_s / oracle.time_s:.3f}), best fixed {best_t:.0f} s "
             f"at {best_r} x {best_b:.0f} (adaptive/best fixed {vs_fixed:.3f})")
+    assert floor.time_s <= ad.time_s * (1 + 1e-9), what     # hindsight from the same start
     # The timeline covers the whole run without gaps.
     assert ad.timeline[0].start_s == 0 and ad.timeline[-1].end_s == pytest.approx(ad.time_s)
     for a, b in zip(ad.timeline, ad.timeline[1:]):

@@ -273,12 +273,22 @@ class Job:
             sys.stdout.flush()
             raise SystemExit(code)
         os.environ.update({k: str(v) for k, v in msg["env"].items()})
+        t0 = time.perf_counter()
         distributed.form_world(self.world.backend, self.world.timeout_s, into=self.world)
+        t1 = time.perf_counter()
         exchange_newest(self.world.rank, self.world.world_size, [], memory=(
             self.state.step, lambda: snapshot_of(self.registry, self.state.step,
                                                  self.state.epoch)))
+        t2 = time.perf_counter()
         if self.parallel is not None:
             self.parallel._rebuild()
+        if self.world.rank == 0:
+            # Where a resize's time goes, for whoever finds one slow: one line per re-form.
+            sys.stderr.write(
+                f"adaptrun: re-formed in process into a world of {self.world.world_size} at "
+                f"step {self.state.step}: group {t1 - t0:.2f} s, newest state to the ranks "
+                f"without it {t2 - t1:.2f} s, DDP rebuilt {time.perf_counter() - t2:.2f} s "
+                f"(with the wait for new ranks to build their model)\n")
         self._measure_resize_gap()        # the new world's first step comes next
 
     def _measure_resize_gap(self) -> None:
