@@ -538,6 +538,11 @@ def _batch_caps(command):
 @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
               help="Start the next round's workers ahead (torch imported) while the old "
                    "world trains; off: plain `python train.py` per round.")
+@click.option("--standby-after-s", type=float, default=5.0, show_default=True,
+              help="Once a round has trained this long, hold one warm worker (torch "
+                   "imported) per local process for a failure restart; negative: none, which "
+                   "saves its memory and the CPU of its start on a small node (a failed round "
+                   "then starts its workers cold).")
 @click.option("--exit-with-parent", is_flag=True,
               help="Stop (as on SIGTERM) when the process that started this agent ends: "
                    "`adaptrun run` starts its agents so, and a kill -9 of it leaves none "
@@ -548,13 +553,20 @@ def _batch_caps(command):
 def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_conf,
                   max_restarts, node, local_addr, min_workers, max_workers, init_batch,
                   max_global_batch, local_batch_min, local_batch_max, snapshot_dir,
-                  controller_wait_s, warm_start, exit_with_parent, verbose, command,
-                  credentials):
+                  controller_wait_s, warm_start, standby_after_s, exit_with_parent, verbose,
+                  command, credentials):
     """Run this node's workers of a job: `adaptrun agent --job ID ... -- python train.py ARGS`."""
     import logging
     import os
 
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    if "TORCH_CPP_LOG_LEVEL" not in os.environ and not verbose:
+        # Before torch loads. The agent polls each round's workers' store, which worker rank
+        # 0 hosts; when that worker exits (a job's end) a poll in flight fails, as expected
+        # and handled, but torch's C++ log prints it with a 40-frame stack trace. The workers
+        # get the user's own setting back (``Agent`` drops this one from their environment).
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+        os.environ["ADAPTRUN_AGENT_QUIET_CPP_LOG"] = "1"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not verbose:  # torch's rendezvous logs every state change at INFO
@@ -583,6 +595,7 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
                          max_restarts=max_restarts, node=node, local_addr=local_addr,
                          bounds=bounds, snapshot_dir=snapshot_dir,
                          controller_wait_s=controller_wait_s, warm_start=warm_start,
+                         standby_after_s=standby_after_s,
                          parent_pid=os.getppid() if exit_with_parent else None)
     try:
         agent = Agent(config)

@@ -322,6 +322,8 @@ class Agent:
         self.relay: ReportRelay | None = None
         env = dict(os.environ)
         env.pop("ADAPTRUN_TOKEN", None)    # the job's credential is the agent's, not the script's
+        if env.pop("ADAPTRUN_AGENT_QUIET_CPP_LOG", None):
+            env.pop("TORCH_CPP_LOG_LEVEL", None)   # the CLI quieted the agent's, not theirs
         env["ADAPTRUN_REPORT_FILE"] = self.report_file
         if c.snapshot_dir:
             env["ADAPTRUN_SNAPSHOT_DIR"] = c.snapshot_dir

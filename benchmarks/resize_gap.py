@@ -242,6 +242,7 @@ def run_adaptrun(tmp: Path, tag: str, args, kill: bool) -> dict:
                 "--init-batch", str(args.batch), "--max-global-batch", str(args.batch),
                 "--local-batch-min", "1", "--local-batch-max", str(args.batch),
                 "--snapshot-dir", str(out / f"snap-{node}"),
+                *([] if kill else ["--standby-after-s", str(args.standby_after_s)]),
                 "--", sys.executable, str(worker(args)), *wargs]
 
     # TMPDIR: the agents' work dirs land under ours and go with it.
@@ -406,6 +407,11 @@ def main() -> None:
     ap.add_argument("--model", choices=["lsq", "big"], default="lsq",
                     help="big: an MLP of --params parameters under Adam (real-sized state)")
     ap.add_argument("--params", default="100e6", help="--model big: parameters")
+    ap.add_argument("--standby-after-s", type=float, default=5.0,
+                    help="adaptrun agents of the planned-resize job: when they start their "
+                         "warm standby worker (-1: none; on 2 cores its start competes with "
+                         "the new world's first steps). The kill job keeps the default: its "
+                         "restart uses the standby")
     args = ap.parse_args()
     big = args.model == "big"
     args.batch = 8 if big else 24

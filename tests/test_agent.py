@@ -240,6 +240,45 @@ def test_unmodified_ddp_script_runs_and_is_not_adaptive(tmp_path):
             harness.stop(proc)
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("standby_after_s, processes", [("0.5", 2), ("-1", 1)])
+def test_a_warm_standby_worker_is_held_unless_turned_off(tmp_path, standby_after_s, processes):
+    # --standby-after-s: a warm worker waits beside the running one for a failure restart
+    # (two processes under the agent), or none does (a small node keeps its memory and CPU).
+    out = tmp_path / "out"
+    out.mkdir()
+    pace = tmp_path / "pace"
+    pace.write_text("0.05")
+    log = tmp_path / "agent.log"
+    proc = harness.start(agent_argv("standby", "n0", extra=["--standby-after-s", standby_after_s],
+                                    worker=[LSQ, "--out", str(out), "--samples", "1024",
+                                            "--pace-file", str(pace)]),
+                         harness.base_env(), log)
+    try:
+        harness.wait_steps(out, lambda r: True, 5, 60, [proc])
+        time.sleep(1.0)                      # 0.5 s into the round: the standby is up
+        wait_for(lambda: len(_children(proc.pid)) == processes, 10,
+                 f"{processes} process(es) under the agent", [log])
+        time.sleep(0.5)
+        assert len(_children(proc.pid)) == processes, harness.tail(log)
+        pace.write_text("0")
+        assert harness.wait_all([proc], 60) == [0], harness.tail(log)
+    finally:
+        harness.stop(proc)
+
+
 def test_controller_unreachable_training_goes_on(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
