@@ -45,6 +45,7 @@ __all__ = ["ControllerClient", "JobBoundsSpec", "report_to_proto", "ClientCreden
 log = logging.getLogger("adaptrun.agent")
 
 AGENT_ID_METADATA = "adaptrun-agent-id"
+REPORT_ACKS_METADATA = "adaptrun-report-acks"   # "0": no ack per report (we read none)
 TOKEN_ENV = "ADAPTRUN_TOKEN"
 
 
@@ -111,13 +112,16 @@ class ClientCredentials:
         log.warning("talking to the controller at %s WITHOUT TLS (--insecure)", target)
 
     def channel(self, target: str) -> grpc.Channel:
+        # No HTTP/2 BDP probing (a PING per burst of data, for bulk transfers): the control
+        # plane's messages are small; the controller turns it off on its side too.
+        options = [("grpc.http2.bdp_probe", 0)]
         if not self.tls:
-            return grpc.insecure_channel(target)
+            return grpc.insecure_channel(target, options=options)
         read = (lambda p: Path(p).read_bytes() if p else None)
         creds = grpc.ssl_channel_credentials(root_certificates=read(self.tls_ca),
                                              private_key=read(self.tls_key),
                                              certificate_chain=read(self.tls_cert))
-        return grpc.secure_channel(target, creds)
+        return grpc.secure_channel(target, creds, options=options)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
@@ -284,7 +288,8 @@ class ControllerClient:
             job_id=self.job_id, agent_id=resp.agent_id, last_generation=self.last_generation),
             metadata=auth)
         reports = stub.StreamReports(self._report_stream(),
-                                     metadata=((AGENT_ID_METADATA, resp.agent_id), *auth))
+                                     metadata=((AGENT_ID_METADATA, resp.agent_id),
+                                               (REPORT_ACKS_METADATA, "0"), *auth))
         self._calls = [watch, reports]
         failure: list[grpc.RpcError] = []
 
@@ -299,7 +304,7 @@ class ControllerClient:
         t = threading.Thread(target=watch_loop, name="adaptrun-directives", daemon=True)
         t.start()
         try:
-            for _ack in reports:
+            for _ack in reports:   # none come (no acks asked for): this waits for the stream's end
                 pass
         except grpc.RpcError as exc:
             # CANCELLED here is watch_loop ending the session: its own error says why.

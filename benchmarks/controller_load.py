@@ -33,7 +33,10 @@ What runs (all on 127.0.0.1, ports picked by the OS):
   ``report_to_proto``. Latency is send -> matching ReportAck (same step), one report in flight
   per agent. ``--interval-s 0`` (default) sends the next report as soon as the ack arrives:
   a closed loop that measures what the controller can ingest; ``--interval-s 2`` paces each
-  agent like a real one (the controller asks for a report every 2 s).
+  agent like a real one (the controller asks for a report every 2 s). Paced, agents ask for
+  no acks (stream metadata ``adaptrun-report-acks: 0``), as the agent's own client does,
+  except every ``--ack-probe-every``-th (10): those read one ack per report and time it, so
+  the latency is sampled by probes whose reports queue with everyone else's.
 * A rejected report ends its stream (the controller's contract); the agent counts it by
   status code and opens a new stream.
 
@@ -67,6 +70,7 @@ import time
 
 HOST = "127.0.0.1"
 AGENT_ID_METADATA = "adaptrun-agent-id"
+REPORT_ACKS_METADATA = "adaptrun-report-acks"
 NO_LIMIT = 1e9          # reports/s and burst: the rate limiter never says no
 
 # The thread-per-stream (sync) server, as measured with this benchmark (its defaults: 1,000
@@ -171,7 +175,8 @@ async def _load(port, agents, opts, ready, go):
                           max_global_batch=16384, local_batch_min=16, local_batch_max=256)
     # One channel (TCP connection) per agent, like real agents; a local subchannel pool
     # keeps grpc from sharing one connection among equal channels.
-    ch_opts = [("grpc.use_local_subchannel_pool", 1)]
+    # ... and no BDP probing, as the agent's own channel (ClientCredentials.channel).
+    ch_opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)]
     n_channels = max(1, min(opts["connections"], len(agents)))
     channels = [grpc.aio.insecure_channel(target, options=ch_opts) for _ in range(n_channels)]
     stubs = [pb_grpc.ControllerStub(c) for c in channels]
@@ -202,7 +207,11 @@ async def _load(port, agents, opts, ready, go):
             resp = await stub.Register(pb.RegisterRequest(
                 job_id=job_id, node=node, slots=slots, address=f"{HOST}:{20000 + i}",
                 bounds=bounds), timeout=60)
-        md = ((AGENT_ID_METADATA, resp.agent_id),)
+        # Paced, most agents ask for no acks, as the real agent's client does; every
+        # ack_probe_every-th one reads an ack per report and times it (the latency probes).
+        probe = interval <= 0 or i % opts["ack_probe_every"] == 0
+        md = ((AGENT_ID_METADATA, resp.agent_id),) + (
+            () if probe else ((REPORT_ACKS_METADATA, "0"),))
         watch = stub.WatchDirectives(pb.WatchDirectivesRequest(
             job_id=job_id, agent_id=resp.agent_id)) if opts["watch"] else None
         step = 0
@@ -225,7 +234,7 @@ async def _load(port, agents, opts, ready, go):
                 t0 = time.monotonic()
                 try:
                     await call.write(msg)
-                    ack = await call.read()
+                    ack = await call.read() if probe else None
                 except grpc.aio.AioRpcError as exc:
                     ack = exc
                 t1 = time.monotonic()
@@ -238,7 +247,7 @@ async def _load(port, agents, opts, ready, go):
                     counts["reopened"] += 1
                     call = None
                     continue
-                if ack.step != step:
+                if ack is not None and ack.step != step:
                     counts["mismatched"] += 1
                 if not warmed:
                     warmed = True
@@ -250,7 +259,8 @@ async def _load(port, agents, opts, ready, go):
                     continue
                 if in_window:
                     counts["accepted"] += 1
-                    lat.append((t1 - t0) * 1e3)
+                    if probe:
+                        lat.append((t1 - t0) * 1e3)
             await call.done_writing()
             while await call.read() is not grpc.aio.EOF:
                 pass
@@ -389,6 +399,9 @@ def parse_args(argv=None):
     p.add_argument("--load-cpus", default="",
                    help="pin the load generators to these CPUs (default with "
                         "--controller-cpus: every other CPU, when there is one)")
+    p.add_argument("--ack-probe-every", type=int, default=10,
+                   help="paced mode: every Nth agent reads an ack per report and times it; the "
+                        "others ask for no acks, as the real agent does (1: every agent acks)")
     p.add_argument("--keep-rate-limit", action="store_true",
                    help="keep the controller's default per-job rate limit (20/s, burst 40) "
                         "instead of lifting it")
@@ -416,8 +429,9 @@ def parse_args(argv=None):
         a.load_cpus = sorted(os.sched_getaffinity(0) - set(a.controller_cpus))
     if a.agents < 1 or not 1 <= a.jobs <= a.agents:
         p.error("need --agents >= 1 and 1 <= --jobs <= --agents")
-    if a.duration_s <= 0 or a.interval_s < 0 or a.load_procs < 1:
-        p.error("need --duration-s > 0, --interval-s >= 0, --load-procs >= 1")
+    if a.duration_s <= 0 or a.interval_s < 0 or a.load_procs < 1 or a.ack_probe_every < 1:
+        p.error("need --duration-s > 0, --interval-s >= 0, --load-procs >= 1, "
+                "--ack-probe-every >= 1")
     return a
 
 
@@ -463,6 +477,7 @@ def main(argv=None) -> None:
             opts = dict(interval_s=args.interval_s, duration_s=args.duration_s, slots=1,
                         nodes_per_job=nodes_per_job, watch=args.watch_directives,
                         connections=max(1, conns // args.load_procs), parent_pid=os.getpid(),
+                        ack_probe_every=args.ack_probe_every,
                         cpus=args.load_cpus)
             p = ctx.Process(target=load_main, args=(k, port, chunk, opts, ready, go, results),
                             name=f"load-{k}", daemon=True)
@@ -554,13 +569,17 @@ def main(argv=None) -> None:
                  f"paced, 1 report per agent every {args.interval_s:g} s"),
         ("rate limit", rate),
         ("duration", f"{d:g} s measured (setup {setup_s:.1f} s)"),
-        ("reports accepted", f"{accepted} (controller counted {acc1 - acc0})"),
+        ("reports accepted", f"{accepted} (acked, or written on a no-ack stream; controller "
+                             f"counted {acc1 - acc0})"),
         ("reports rejected", f"{rejected}" + (f" {rejected_by}" if rejected_by else "")
          + f" (controller counted {rej1 - rej0})"),
         ("reports/s", f"{rps:,.0f}"),
         ("latency p50 / p99 / max", f"{percentile(lat_sorted, 50):.1f} / "
                                     f"{percentile(lat_sorted, 99):.1f} / "
-                                    f"{percentile(lat_sorted, 100):.1f} ms"),
+                                    f"{percentile(lat_sorted, 100):.1f} ms"
+         + ("" if args.interval_s == 0 or args.ack_probe_every == 1 else
+            f" ({len(lat)} reports of the acked probes, every {args.ack_probe_every}th agent; "
+            f"the others ask for no acks, as real agents)")),
         ("controller CPU", f"{ctl_cpu / d:.0%} of one core (pid {controller.pid}, "
                            f"{threads} threads; "
                            + (f"pinned to CPU {','.join(map(str, args.controller_cpus))})"

@@ -34,6 +34,7 @@ import grpc
 from adaptrun.science.policy import BoundsError, Config, Decision, Policy, bounds_from_script
 
 from .actuators import Actuator, ActuatorError
+from .heap import CollectionPacer
 from .metrics import Metrics, report_figures
 from .ratelimit import TokenBucket
 from .registry import Agent, Directive, Job, JobRegistry, RegistryFull, job_from_state, job_state
@@ -446,9 +447,24 @@ class ControllerCore:
                            f"{workers} workers: {exc}")
 
     def tick(self) -> None:
-        for job in self.registry.jobs():
-            if not job.done:
-                self.run_policy(job)
+        """Run the policies that are due: every job whose bounds changed, and of the others
+        at most a fair share per tick (``jobs * tick_s / policy_interval_s``), the longest
+        waiting first. Each job still runs about every ``policy_interval_s``, but jobs that
+        became due together (a controller start, a batch of submissions, 100 jobs whose
+        agents connected in the same second) spread over the interval instead of running in
+        one burst: 100 policy runs at once held the GIL from the event loop that reads the
+        reports for half a second (p99 report latency 116 ms at 10,000 agents, 20 ms without
+        policy runs; ``benchmarks/controller_load.py``)."""
+        now = self.clock()
+        jobs = [j for j in self.registry.jobs() if not j.done]
+        interval = self.config.policy_interval_s
+        forced = [j for j in jobs if j.policy_due]
+        waiting = sorted((j for j in jobs if not j.policy_due and j.pending
+                          and now - j.last_policy_time_s >= interval),
+                         key=lambda j: j.last_policy_time_s)
+        share = max(1, math.ceil(len(jobs) * self.config.tick_s / max(interval, 1e-9)))
+        for job in forced + waiting[:share]:
+            self.run_policy(job)
 
     # -- operators -----------------------------------------------------------------------
     def set_bounds(self, job_id: str, min_workers: int, max_workers: int) -> Job:
@@ -490,6 +506,7 @@ class PolicyLoop:
 
     def __init__(self, core: ControllerCore):
         self.core = core
+        self.collector = CollectionPacer()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="adaptrun-policy", daemon=True)
 
@@ -500,6 +517,7 @@ class PolicyLoop:
     def _run(self) -> None:
         while not self._stop.wait(self.core.config.tick_s):
             try:
+                self.collector.tick(self.core.registry.agent_count())
                 self.core.tick()
             except Exception:  # noqa: BLE001 - the loop outlives any one bug
                 log.exception("policy loop iteration failed")
@@ -507,3 +525,4 @@ class PolicyLoop:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self.collector.close()

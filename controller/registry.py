@@ -219,6 +219,9 @@ class JobRegistry:
         with self._lock:
             return list(self._jobs.values())
 
+    def agent_count(self) -> int:
+        return len(self._agents)
+
     def remove(self, job_id: str) -> Job | None:
         with self._lock:
             job = self._jobs.pop(job_id, None)

@@ -43,11 +43,15 @@ from .registry import Directive, Job
 from .validation import (Malformed, Rejection, bounds_to_proto, check_generation,
                          check_worker_bounds, parse_message)
 
-__all__ = ["SERVICE_NAME", "AGENT_ID_METADATA", "ControllerService", "generic_handler",
+__all__ = ["SERVICE_NAME", "AGENT_ID_METADATA", "REPORT_ACKS_METADATA", "ControllerService", "generic_handler",
            "directive_to_proto", "job_status"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name
 AGENT_ID_METADATA = "adaptrun-agent-id"
+# A report stream opened with this metadata set to "0" gets no ack per report (the agent
+# ignores them; not writing them saves the controller a write per report); any other value,
+# or none, gets one ack per accepted report.
+REPORT_ACKS_METADATA = "adaptrun-report-acks"
 
 
 def directive_to_proto(d: Directive | None) -> pb.Directive:
@@ -227,7 +231,9 @@ class ControllerService:
 
     async def StreamReports(self, request_iterator, ctx):
         caller = await self._caller(ctx)
-        agent_id = dict(ctx.invocation_metadata() or ()).get(AGENT_ID_METADATA, "")
+        md = dict(ctx.invocation_metadata() or ())
+        agent_id = md.get(AGENT_ID_METADATA, "")
+        acks = md.get(REPORT_ACKS_METADATA) != "0"
         agent = self.core.registry.agent(agent_id)
         if agent is not None:
             await self._may_see(ctx, caller, agent.job_id)
@@ -246,7 +252,8 @@ class ControllerService:
                 _, generation = ingest(agent, msg)
             except Rejection as r:
                 await self._abort(ctx, r)
-            await ctx.write(ack(step=msg.step, generation=generation))
+            if acks:
+                await ctx.write(ack(step=msg.step, generation=generation))
 
     async def WatchDirectives(self, req, ctx):
         caller = await self._caller(ctx)

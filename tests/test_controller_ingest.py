@@ -162,3 +162,27 @@ def test_bad_registrations_rejected():
         first = register(stub, "ok").agent_id
         assert register(stub, "ok").agent_id == first
         assert register(stub, "ok", node="n1").agent_id != first
+
+
+@pytest.mark.timeout(20)
+def test_a_stream_that_asks_for_no_acks_gets_none_and_still_hears_a_rejection():
+    # The agent's own client reads no acks and says so ("adaptrun-report-acks: 0"): the
+    # controller then writes none (a write per report saved), takes every report, and still
+    # ends the stream with the error when a report is bad.
+    from adaptrun.controller.service import REPORT_ACKS_METADATA
+
+    with running_controller(policy_interval_s=60.0) as ctl, channel_to(ctl) as (_, stub):
+        a = register(stub, "job-a").agent_id
+        md = ((AGENT, a), (REPORT_ACKS_METADATA, "0"))
+        acks = list(stub.StreamReports(iter([report("job-a", step=s) for s in (1, 2, 3)]),
+                                       metadata=md, timeout=5))
+        assert acks == []
+        job = ctl.core.registry.job("job-a")
+        assert job.accepted == 3 and job.last_report.step == 3
+        code, details = _rejected(lambda: list(stub.StreamReports(
+            iter([report("job-a", step=4), report("job-a", step=5, world_size=0)]),
+            metadata=md, timeout=5)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "world_size must be >= 1" in details
+        assert job.accepted == 4
+        # Without the metadata (or with any other value): one ack per report, as before.
+        assert [x.step for x in send_reports(stub, a, [report("job-a", step=6)])] == [6]

@@ -72,8 +72,10 @@ class ControllerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamReports(self, request_iterator, context):
-        """Reports of one registered agent; one ack per accepted report. A bad report ends the
-        stream with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for a flood) naming the problem.
+        """Reports of one registered agent; one ack per accepted report, or none when the stream's
+        metadata "adaptrun-report-acks" is "0" (the agent's own client reads no acks). A bad
+        report ends the stream with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for a flood) naming
+        the problem.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
