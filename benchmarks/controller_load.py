@@ -69,8 +69,6 @@ import threading
 import time
 
 HOST = "127.0.0.1"
-AGENT_ID_METADATA = "adaptrun-agent-id"
-REPORT_ACKS_METADATA = "adaptrun-report-acks"
 NO_LIMIT = 1e9          # reports/s and burst: the rate limiter never says no
 
 # The thread-per-stream (sync) server, as measured with this benchmark (its defaults: 1,000
@@ -165,7 +163,8 @@ async def _load(port, agents, opts, ready, go):
 
     from adaptrun.generated import control_plane_pb2 as pb
     from adaptrun.generated import control_plane_pb2_grpc as pb_grpc
-    from adaptrun.agents.controller_client import report_to_proto
+    from adaptrun.agents.controller_client import (AGENT_ID_METADATA, REPORT_ACKS_METADATA,
+                                                   report_to_proto)
     from adaptrun.science.report import Report
 
     target = f"{HOST}:{port}"

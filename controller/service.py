@@ -43,8 +43,8 @@ from .registry import Directive, Job
 from .validation import (Malformed, Rejection, bounds_to_proto, check_generation,
                          check_worker_bounds, parse_message)
 
-__all__ = ["SERVICE_NAME", "AGENT_ID_METADATA", "REPORT_ACKS_METADATA", "ControllerService", "generic_handler",
-           "directive_to_proto", "job_status"]
+__all__ = ["SERVICE_NAME", "AGENT_ID_METADATA", "REPORT_ACKS_METADATA", "ControllerService",
+           "generic_handler", "directive_to_proto", "job_status"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name
 AGENT_ID_METADATA = "adaptrun-agent-id"
