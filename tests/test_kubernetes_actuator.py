@@ -327,7 +327,10 @@ def test_end_to_end_controller_scales_a_statefulset_of_real_agents(tmp_path):
             scale(1)
             t2 = time.time()
             harness.wait_steps(out, lambda r: r["world"] == 1 and r["t"] > t2, 3, 90, live())
-            wait_for(lambda: list(double.phases(NS)) == ["lsq-0"], 30, "pod lsq-1 deleted")
+            # The double deletes the pod under its lock and runs the kubelet hook after it:
+            # wait for both, or the hook's record may not be there yet.
+            wait_for(lambda: list(double.phases(NS)) == ["lsq-0"] and deleted, 30,
+                     "pod lsq-1 deleted and its agent signalled")
             pace.write_text("0")
             assert scale_patches(double, STS_SCALE % "lsq")[-1] == (MERGE,
                                                                     {"spec": {"replicas": 1}})
