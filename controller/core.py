@@ -517,7 +517,8 @@ class PolicyLoop:
     def _run(self) -> None:
         while not self._stop.wait(self.core.config.tick_s):
             try:
-                self.collector.tick(self.core.registry.agent_count())
+                registry = self.core.registry
+                self.collector.tick(registry.agent_count(), registry.registrations)
                 self.core.tick()
             except Exception:  # noqa: BLE001 - the loop outlives any one bug
                 log.exception("policy loop iteration failed")

@@ -178,11 +178,13 @@ class JobRegistry:
         self._jobs: dict[str, Job] = {}
         self._agents: dict[str, Agent] = {}
         self._lock = threading.Lock()
+        self.registrations = 0            # every register() ever, a node's again included
 
     def register(self, job_id: str, node: str, slots: int, address: str,
                  make_job) -> tuple[Job, Agent, bool]:
         """The job (created by ``make_job()`` if new) and the agent; True when the job is new."""
         with self._lock:
+            self.registrations += 1
             job = self._jobs.get(job_id)
             created = job is None
             if created:
