@@ -192,3 +192,26 @@ def test_an_untried_better_batch_comes_before_a_resize():
 def dataclasses_replace(r, **kw):
     import dataclasses
     return dataclasses.replace(r, **kw)
+
+
+def test_a_move_on_a_guessed_sync_must_gain_more_than_the_guess():
+    """A placement the job never ran at is predicted from the prior's guess of its sync; a
+    move there must gain that guess's share of the step on top of resize_min_gain."""
+    p = Policy(BOUNDS, resize_cost_s=0.0)
+    p.observe(report(Config(4, 32, 0), grad_sqr=1.0, grad_var=1000.0, target=1e9))
+    across = Config(16, 32, 0)
+    share = p._prior_share(across)
+    assert 0.0 < share < 1.0, share               # the guessed part of the predicted step
+    assert p._prior_share(Config(4, 64, 0)) == 0.0   # one node: measured there
+    assert p._prior_share(Config(1, 32, 0)) == 0.0   # one replica: no sync at all
+    d = p.decide()
+    if d.changes_replicas and d.config.replicas > 4:
+        gain = d.goodput_chosen / p.goodput(4, d.current.local_batch, 0) - 1.0
+        assert gain >= p.resize_min_gain + p._prior_share(d.config), d.reason
+    # Once sync across nodes is measured, no guess is left to pay for.
+    p.observe(report(Config(8, 32, 0), grad_sqr=1.0, grad_var=1000.0, target=1e9))
+    assert p._prior_share(across) == 0.0
+    # From one replica, both kinds of sync are guesses.
+    q = Policy(BOUNDS)
+    q.observe(report(Config(1, 32, 1), grad_sqr=1.0, grad_var=1000.0, target=1e9))
+    assert q._prior_share(Config(4, 32, 0)) > 0.0 and q._prior_share(across) > 0.0

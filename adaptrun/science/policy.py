@@ -28,12 +28,19 @@ length is assumed to run as long again as it has run so far.
 Exploration. A job that has only run at one replica count cannot fit a sync model. The
 throughput fit then leans on its stated prior for the counts it has not seen (sync inside a
 node cheaper than across nodes, a fixed compute overhead per micro-batch), so the policy
-predicts a goodput for every count and tries one when that prediction pays for the resize,
-exactly as for a measured one. A wrong guess costs at most the resize there and the one
-back: every measurement replaces the prior where it applies, so it is corrected at the next
-decision (and the count barred, see below). Capping the counts at twice the largest measured
-(Pollux's rule, ``explore_factor``; off by default) does not make a wrong guess cheaper, and
-makes a job that should grow fourfold pay two resizes. Local batches are explored the same
+predicts a goodput for every count and tries one when that prediction pays for the resize.
+Where the prediction rests on a guess, the bar is higher by what the guess is worth: a move
+to a placement the job never ran at (several replicas inside one node, or across nodes) must
+gain, beyond ``resize_min_gain``, the share of its predicted step that is the guessed sync
+(``_prior_share``), i.e. it must still gain were that sync about twice the guess. A gain
+smaller than the guess's own size is noise in the prior; the noise scale grows as training
+goes on, so a real gain grows past the bar within a few epochs, while a move on a wrong
+guess costs the resize there and the one back (cifar10 on 16 GPUs, where sync across nodes
+is 7x the prior's guess: 1.099 -> 1.076 of the oracle; 1.065-1.077 for half to 1.5 times
+the share). Every measurement replaces the prior where it applies, so a wrong guess is
+corrected at the next decision (and the count barred, see below). Capping the counts at
+twice the largest measured (Pollux's rule, ``explore_factor``; off by default) does not make
+a wrong guess cheaper, and makes a job that should grow fourfold pay two resizes. Local batches are explored the same
 way, for free, since batch changes cost nothing; and free comes before paid: while a batch at
 the current count that has not been measured there is predicted to gain ``resize_min_gain``,
 it is tried before any resize, since its measurement corrects the throughput model (and the
@@ -72,7 +79,7 @@ import numpy as np
 
 from .efficiency import gain
 from .report import Report
-from .throughput import ThroughputParams, ThroughputSample, fit, step_time
+from .throughput import ThroughputParams, ThroughputSample, fit, step_time, sync_time
 
 __all__ = ["Config", "JobBounds", "BatchCaps", "bounds_from_script", "Decision", "Policy",
            "BoundsError"]
@@ -559,7 +566,8 @@ class Policy:
             gain_frac = float(g[best]) / max(g_same, 1e-12) - 1.0
             saved_s = self._resize_saving_s(r, a, k, g_same, float(g[best]), best_cfg.replicas,
                                             current.replicas)
-            if gain_frac >= self.resize_min_gain and saved_s > self.payback * self.resize_cost_s:
+            need = self.resize_min_gain + self._prior_share(best_cfg)
+            if gain_frac >= need and saved_s > self.payback * self.resize_cost_s:
                 return self._move(Decision(
                     best_cfg, current, g_cur, float(g[best]),
                     f"resize to {best_cfg.describe()}: goodput +{gain_frac:.0%}, saves >= "
@@ -575,6 +583,19 @@ class Policy:
                             f"goodput +{g_same / g_cur - 1:.0%} (noise scale "
                             f"{b0_noise(self.bounds.init_batch, sqr, var):.0f})")
         return Decision(current, current, g_cur, g_cur, "keep: no change pays off" + waiting)
+
+    def _prior_share(self, cfg: Config) -> float:
+        """The part of the predicted step time at ``cfg`` that no measurement backs: the sync
+        of a placement kind (several replicas in one node / across nodes) the job never ran
+        at; 0 where it did, or for one replica (no sync)."""
+        n = int(self.bounds.nodes_for(cfg.replicas))
+        if cfg.replicas <= 1 or any((nn > 1) == (n > 1) and r > 1
+                                    for (nn, r, _, _) in self._measured):
+            return 0.0
+        p = self.params
+        s = float(sync_time(p, n, cfg.replicas))
+        t = float(step_time(p, n, cfg.replicas, cfg.local_batch, cfg.accum_steps))
+        return s / max(t, 1e-12)
 
     def _measured_goodputs(self, grad_sqr=None, grad_var=None) -> dict:
         """Per replica count, the best goodput measured there (mean step time of each
