@@ -79,7 +79,7 @@ import numpy as np
 
 from .efficiency import gain
 from .report import Report
-from .throughput import ThroughputParams, ThroughputSample, fit, step_time, sync_time
+from .throughput import ThroughputParams, ThroughputSample, fit, step_time
 
 __all__ = ["Config", "JobBounds", "BatchCaps", "bounds_from_script", "Decision", "Policy",
            "BoundsError"]
@@ -585,17 +585,21 @@ class Policy:
         return Decision(current, current, g_cur, g_cur, "keep: no change pays off" + waiting)
 
     def _prior_share(self, cfg: Config) -> float:
-        """The part of the predicted step time at ``cfg`` that no measurement backs: the sync
-        of a placement kind (several replicas in one node / across nodes) the job never ran
-        at; 0 where it did, or for one replica (no sync)."""
+        """How much of the predicted step at ``cfg`` rests on a guess: the fraction by which
+        it would grow were the sync of a placement kind the job never ran at (several
+        replicas in one node / across nodes) twice the prior's guess (the overlap with
+        compute included); 0 where the job ran at that kind, or for one replica (no sync)."""
         n = int(self.bounds.nodes_for(cfg.replicas))
         if cfg.replicas <= 1 or any((nn > 1) == (n > 1) and r > 1
                                     for (nn, r, _, _) in self._measured):
             return 0.0
         p = self.params
-        s = float(sync_time(p, n, cfg.replicas))
+        q = replace(p, **({"alpha_inter": 2 * p.alpha_inter, "beta_inter": 2 * p.beta_inter}
+                          if n > 1 else
+                          {"alpha_intra": 2 * p.alpha_intra, "beta_intra": 2 * p.beta_intra}))
         t = float(step_time(p, n, cfg.replicas, cfg.local_batch, cfg.accum_steps))
-        return s / max(t, 1e-12)
+        t2 = float(step_time(q, n, cfg.replicas, cfg.local_batch, cfg.accum_steps))
+        return t2 / max(t, 1e-12) - 1.0
 
     def _measured_goodputs(self, grad_sqr=None, grad_var=None) -> dict:
         """Per replica count, the best goodput measured there (mean step time of each
