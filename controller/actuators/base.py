@@ -12,6 +12,8 @@ worker bounds.
 from __future__ import annotations
 
 import importlib
+import logging
+import threading
 from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
@@ -19,7 +21,7 @@ Notify = Callable[[str, str], None]                       # (job_id, text)
 BoundsOf = Callable[[str], "tuple[int, int] | None"]      # job_id -> (min, max) workers
 
 __all__ = ["Actuator", "ActuatorError", "UnknownActuatorError", "register_actuator",
-           "create_actuator", "actuator_names"]
+           "create_actuator", "actuator_names", "CountingActuator"]
 
 
 class ActuatorError(RuntimeError):
@@ -70,6 +72,42 @@ class Actuator(ABC):
 # one node's agent, a callable (job, node) -> argv or a list whose items may hold {job}/{node}.
 OnChange = Callable[[str, "int | None", int], None]
 AgentCommand = Callable[[str, str], Sequence[str]] | Sequence[str]
+
+
+class CountingActuator(Actuator):
+    """The bookkeeping the agent-starting backends (local, ray) share: the worker count last
+    asked for each job (under ``self._lock``, which the backend uses for its own state too),
+    and every change logged and handed to ``on_change(job_id, old, new)`` (old is None the
+    first time), outside the lock, from the caller's thread."""
+
+    def __init__(self, on_change: OnChange | None):
+        self._on_change = on_change
+        self._desired: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _record(self, job_id: str, workers: int) -> int | None:
+        """Under ``self._lock``: make ``workers`` the job's count; return the one before."""
+        if workers < 0:
+            raise ActuatorError(f"cannot run {workers} workers for job {job_id!r}")
+        old = self._desired.get(job_id)
+        self._desired[job_id] = workers
+        return old
+
+    def _announce(self, job_id: str, old: int | None, workers: int) -> None:
+        """Outside the lock: log a change and call ``on_change``."""
+        if old != workers:
+            logging.getLogger(type(self).__module__).info(
+                "job %s: workers %s -> %d (%s)", job_id, old, workers, self.name)
+            if self._on_change is not None:
+                self._on_change(job_id, old, workers)
+
+    def current_workers(self, job_id: str) -> int | None:
+        with self._lock:
+            return self._desired.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._desired.pop(job_id, None)
 
 
 def agent_argv(command: AgentCommand, job_id: str, node: str) -> list[str]:

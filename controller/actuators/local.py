@@ -30,7 +30,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .base import Actuator, ActuatorError, AgentCommand, OnChange, agent_argv
+from .base import ActuatorError, AgentCommand, CountingActuator, OnChange, agent_argv
 
 __all__ = ["LocalActuator"]
 
@@ -38,46 +38,30 @@ log = logging.getLogger(__name__)
 
 
 
-class LocalActuator(Actuator):
+class LocalActuator(CountingActuator):
     name = "local"
 
     def __init__(self, on_change: OnChange | None = None,
                  agent_command: AgentCommand | None = None, nproc_per_node: int = 1,
                  log_dir: str | os.PathLike | None = None, env: dict | None = None,
                  stop_grace_s: float = 10.0):
-        self._on_change = on_change
+        super().__init__(on_change)
         self._agent_command = agent_command
         self.nproc_per_node = max(1, int(nproc_per_node))
         self._log_dir = Path(log_dir) if log_dir else None
         self._env = env
         self.stop_grace_s = stop_grace_s
-        self._desired: dict[str, int] = {}
         self._agents: dict[str, list[tuple[str, subprocess.Popen]]] = {}
         self._started: dict[str, int] = {}
-        self._lock = threading.Lock()
         self._closed = threading.Event()
         self._reaper: threading.Thread | None = None
 
     def set_workers(self, job_id: str, workers: int) -> None:
-        if workers < 0:
-            raise ActuatorError(f"cannot run {workers} workers for job {job_id!r}")
         with self._lock:
-            old = self._desired.get(job_id)
-            self._desired[job_id] = workers
+            old = self._record(job_id, workers)
         if self._agent_command is not None:
             self._start_agents(job_id, workers)
-        if old != workers:
-            log.info("job %s: workers %s -> %d (local)", job_id, old, workers)
-            if self._on_change is not None:
-                self._on_change(job_id, old, workers)
-
-    def current_workers(self, job_id: str) -> int | None:
-        with self._lock:
-            return self._desired.get(job_id)
-
-    def forget(self, job_id: str) -> None:
-        with self._lock:
-            self._desired.pop(job_id, None)
+        self._announce(job_id, old, workers)
 
     # -- agent processes -----------------------------------------------------------------
     def agents(self, job_id: str) -> list[tuple[str, subprocess.Popen]]:

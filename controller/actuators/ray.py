@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import Actuator, ActuatorError, AgentCommand, OnChange, agent_argv
+from .base import ActuatorError, AgentCommand, CountingActuator, OnChange, agent_argv
 
 __all__ = ["RayActuator", "RayAgent", "AgentActor", "LOST_EXIT_CODE"]
 
@@ -83,7 +83,7 @@ class RayAgent:
         return self.returncode
 
 
-class RayActuator(Actuator):
+class RayActuator(CountingActuator):
     name = "ray"
 
     def __init__(self, agent_command: AgentCommand | str | None = None, nproc_per_node: int = 1,
@@ -110,15 +110,13 @@ class RayActuator(Actuator):
         self._log_dir = Path(log_dir).resolve() if log_dir else None
         self._env = dict(env) if env else None
         self._cwd = str(Path(cwd or os.getcwd()).resolve())
-        self._on_change = on_change
+        super().__init__(on_change)
         self.stop_grace_s = float(stop_grace_s)
         self.poll_s = float(poll_s)
         self.pending_warn_s = float(pending_warn_s)
-        self._desired: dict[str, int] = {}
         self._agents: dict[str, list[RayAgent]] = {}
         self._started: dict[str, int] = {}
         self._dirty: set[str] = set()
-        self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
         self._connected = False
         self._owns_ray = False
@@ -130,13 +128,10 @@ class RayActuator(Actuator):
 
     # -- the Actuator contract -----------------------------------------------------------
     def set_workers(self, job_id: str, workers: int) -> None:
-        if workers < 0:
-            raise ActuatorError(f"cannot run {workers} workers for job {job_id!r}")
         if self._closed.is_set():
             raise ActuatorError("the ray actuator is closed")
         with self._lock:
-            old = self._desired.get(job_id)
-            self._desired[job_id] = workers
+            old = self._record(job_id, workers)
             self._dirty.add(job_id)
         if self._agent_command is not None:
             self._ensure_thread()
@@ -145,18 +140,11 @@ class RayActuator(Actuator):
             self._warned_no_command = True
             log.warning("the ray actuator has no agent command: it records worker counts but "
                         "starts no agents")
-        if old != workers:
-            log.info("job %s: workers %s -> %d (ray)", job_id, old, workers)
-            if self._on_change is not None:
-                self._on_change(job_id, old, workers)
-
-    def current_workers(self, job_id: str) -> int | None:
-        with self._lock:
-            return self._desired.get(job_id)
+        self._announce(job_id, old, workers)
 
     def forget(self, job_id: str) -> None:
+        super().forget(job_id)
         with self._lock:
-            self._desired.pop(job_id, None)
             self._dirty.discard(job_id)
 
     def agents(self, job_id: str) -> list[tuple[str, RayAgent]]:
