@@ -40,11 +40,11 @@ is 7x the prior's guess: 1.099 -> 1.076 of the oracle; 1.065-1.077 for half to 1
 the share). Every measurement replaces the prior where it applies, so a wrong guess is
 corrected at the next decision (and the count barred, see below). Capping the counts at
 twice the largest measured (Pollux's rule, ``explore_factor``; off by default) does not make
-a wrong guess cheaper, and makes a job that should grow fourfold pay two resizes. Local batches are explored the same
-way, for free, since batch changes cost nothing; and free comes before paid: while a batch at
-the current count that has not been measured there is predicted to gain ``resize_min_gain``,
-it is tried before any resize, since its measurement corrects the throughput model (and the
-remaining time) that the resize would be weighed by.
+a wrong guess cheaper, and makes a job that should grow fourfold pay two resizes. Local
+batches are explored the same way, for free, since batch changes cost nothing; and free
+comes before paid: while a batch at the current count that has not been measured there is
+predicted to gain ``resize_min_gain``, it is tried before any resize, since its measurement
+corrects the throughput model (and the remaining time) that the resize would be weighed by.
 
 The start. Before anything is measured the policy puts a job on one node at B0
 (``initial_config``): sync inside a node is cheap, and sync across nodes, the unknown that
