@@ -244,6 +244,7 @@ class ControllerCore:
             self.count_rejection(agent.job_id if job is not None else "", r)
             raise
         figures = report_figures(report)
+        finished_now = False
         with job.changed:
             job.pending.append(report)
             job.last_report = report
@@ -252,12 +253,19 @@ class ControllerCore:
             if report.metric_name:
                 job.metric_name, job.metric = report.metric_name, report.metric
             if report.finished and not job.done:
-                job.done = True
+                job.done = finished_now = True
                 job.notice(f"job finished at step {report.step} (epoch {report.epoch})")
                 log.info("job %s finished at step %d", job.job_id, report.step)
                 self._changed(job)
             self.metrics.observe_report(report, figures)
-            return job, job.generation
+            generation = job.generation
+        if finished_now:
+            try:
+                self.actuator.job_done(job.job_id)
+            except Exception:  # noqa: BLE001 - the actuator's bug must not reject the report
+                log.exception("job %s: the %s actuator failed on the job's end", job.job_id,
+                              self.actuator.name)
+        return job, generation
 
     def count_rejection(self, job_label: str, r: Rejection) -> None:
         self.metrics.rejected_report(job_label, r.reason)

@@ -141,6 +141,33 @@ def test_pytorchjob_scales_with_several_workers_per_pod(tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_a_finished_job_scales_its_statefulset_to_zero_and_leaves_a_pytorchjob(tmp_path):
+    """(Kubernetes API test double.) ``job_done``: a StatefulSet restarts a pod whose agent
+    exited 0, so a finished job's StatefulSet goes to 0 replicas (no failure said); a
+    PyTorchJob ends by itself when its workers succeed and is not touched."""
+    with api_double() as double:
+        double.add_statefulset(NS, "web", replicas=2)
+        double.add_pytorchjob(NS, "pt", replicas=1)
+        with k8s_actuator(double, tmp_path, ["s=statefulset/web", "p=pytorchjob/pt"],
+                          scale_down_delay_s=0.3) as (act, notes):
+            wait_for(lambda: act.current_workers("s") == 2 and act.current_workers("p") == 1,
+                     10, "the workloads' own replicas")
+            t0 = time.monotonic()
+            act.job_done("s")
+            act.job_done("p")
+            assert act.current_workers("s") == 0
+            wait_for(lambda: double.phases(NS) == {"pt-worker-0": "Running"}, 10,
+                     "the StatefulSet's pods gone")
+            assert time.monotonic() - t0 >= 0.3, "pods deleted before the scale-down delay"
+            assert scale_patches(double, STS_SCALE % "web") == [(MERGE, {"spec": {"replicas": 0}})]
+            assert scale_patches(double, PTJ_SCALE % "pt") == []
+            time.sleep(0.2)
+            assert [n for n in notes.of("s") if "to 0 replicas" in n], notes.of("s")
+            assert not [n for n in notes.of("s") if "removed by the cluster" in n]
+            assert notes.of("p") == []
+
+
+@pytest.mark.timeout(30)
 def test_pending_pods_past_the_timeout_keep_the_job_at_its_size(tmp_path):
     """(Kubernetes API test double.) New pods stay Pending (no node fits them): after the
     pending timeout the job's status says the scale was not met, the replicas go back to the
@@ -262,7 +289,7 @@ def test_end_to_end_controller_scales_a_statefulset_of_real_agents(tmp_path):
     resizes the StatefulSet through the double; each pod is a real `adaptrun agent` with the
     least-squares worker. `adaptrun scale` moves the job 1 -> 2 -> 1 pods; the leaving agent
     has left the job when its pod is deleted (no failure handling on the survivor); every
-    sample is counted exactly once."""
+    sample is counted exactly once; the finished job's StatefulSet goes to 0 replicas."""
 
     from test_agent import LSQ, agent_argv, check_exactly_once
 
@@ -339,11 +366,19 @@ def test_end_to_end_controller_scales_a_statefulset_of_real_agents(tmp_path):
             assert deleted == [("lsq-1", True)], deleted
             assert agents["lsq-1"].wait(timeout=60) in (0, 128 + signal.SIGTERM)
             assert agents["lsq-0"].wait(timeout=120) == 0
+            # The job is done: its StatefulSet goes to 0 replicas after the scale-down delay
+            # (it would restart the finished pods forever).
+            wait_for(lambda: double.replicas("statefulsets", NS, "lsq") == 0
+                     and not double.phases(NS), 30, "the finished job's StatefulSet at 0")
+            assert scale_patches(double, STS_SCALE % "lsq")[-1] == (MERGE,
+                                                                    {"spec": {"replicas": 0}})
+            assert [p for p, _ in deleted] == ["lsq-1", "lsq-0"], deleted
             status = subprocess.run([*CLI, "status", "--controller", address, "--job", "kj",
                                      "--json"], capture_output=True, text=True, timeout=30)
             assert status.returncode == 0, status.stderr
             (job,) = json.loads(status.stdout)["jobs"]
-            assert job["desired_workers"] == 1
+            assert job["desired_workers"] == 0
+            assert [n for n in job["notices"] if "the job finished: statefulset/lsq to 0" in n]
             assert not [n for n in job["notices"] if "removed by the cluster" in n], job["notices"]
             assert "restarting the workers" not in harness.tail(tmp_path / "lsq-0.log", 10**6)
         except (AssertionError, TimeoutError) as exc:

@@ -64,6 +64,10 @@ class Actuator(ABC):
     def forget(self, job_id: str) -> None:
         """The job is gone: drop what is kept for it (default: nothing kept)."""
 
+    def job_done(self, job_id: str) -> None:
+        """The job finished training: release what keeps its agents coming back (default:
+        nothing to release; an agent that finished exits by itself). Never blocks."""
+
     def close(self) -> None:
         """Release what the backend holds (processes, clients)."""
 

@@ -235,6 +235,29 @@ class KubernetesActuator(Actuator):
                      f" in {self.scale_down_delay_s:g} s (the leaving agents exit first)"
                      if st.patch_due_s > now else "")
 
+    def job_done(self, job_id: str) -> None:
+        """A StatefulSet restarts a pod whose agent exited, even with exit 0, and the agent
+        exits again at once (its job is done): its pods would come back forever. Scale it to
+        0 replicas, ``scale_down_delay_s`` from now when pods may still run (their agents
+        finish first). A PyTorchJob ends by itself when its workers succeed: left alone."""
+        st = self._jobs.get(job_id)
+        if st is None or st.target.kind != "statefulset" or self._closed.is_set():
+            return
+        now = time.monotonic()
+        with self._lock:
+            before = st.replicas if st.replicas is not None else st.spec_replicas
+            if before == 0:
+                return
+            delay = self.scale_down_delay_s if self._running_beyond(st, 0, before) else 0.0
+            st.desired, st.achievable, st.replicas = 0, None, 0
+            st.scale_started_s = None
+            st.patch_due_s = now + delay
+            self._lock.notify_all()
+        text = (f"the job finished: {st.target.describe()} to 0 replicas in {delay:g} s (a "
+                f"StatefulSet would restart its finished pods)")
+        log.info("job %s: %s", job_id, text)
+        self.notify(job_id, text)
+
     def current_workers(self, job_id: str) -> int | None:
         st = self._jobs.get(job_id)
         if st is None:
