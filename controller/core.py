@@ -124,6 +124,8 @@ class ControllerCore:
                  "%s, resize cost %.2f s%s", job.job_id, job.generation,
                  len(job.policy.samples()), noise, job.policy.resize_cost_s,
                  " (done)" if job.done else "")
+        if job.done:
+            self._job_done(job)
 
     def _changed(self, job: Job) -> None:
         """Save the job's state soon (no I/O here)."""
@@ -260,12 +262,16 @@ class ControllerCore:
             self.metrics.observe_report(report, figures)
             generation = job.generation
         if finished_now:
-            try:
-                self.actuator.job_done(job.job_id)
-            except Exception:  # noqa: BLE001 - the actuator's bug must not reject the report
-                log.exception("job %s: the %s actuator failed on the job's end", job.job_id,
-                              self.actuator.name)
+            self._job_done(job)
         return job, generation
+
+    def _job_done(self, job: Job) -> None:
+        """Tell the actuator (a StatefulSet goes to 0 replicas); never fails the caller."""
+        try:
+            self.actuator.job_done(job.job_id)
+        except Exception:  # noqa: BLE001 - the actuator's bug must not reject a report
+            log.exception("job %s: the %s actuator failed on the job's end", job.job_id,
+                          self.actuator.name)
 
     def count_rejection(self, job_label: str, r: Rejection) -> None:
         self.metrics.rejected_report(job_label, r.reason)

@@ -195,6 +195,14 @@ class K8sApiDouble:
         self._hooks(started, stopped)
         return w
 
+    def scale(self, kind: str, namespace: str, name: str, replicas: int) -> None:
+        """What ``kubectl scale`` does: set the workload's replicas; its pods follow."""
+        with self._cond:
+            w = self._workloads[(kind, namespace, name)]
+            w.replicas = replicas
+            started, stopped = self._reconcile(w)
+        self._hooks(started, stopped)
+
     def pending_new_pods(self, kind: str, namespace: str, name: str, pending: bool) -> None:
         """The kubelet part: pods created from now on stay Pending (no node fits them)."""
         with self._cond:

@@ -167,6 +167,48 @@ def test_a_finished_job_scales_its_statefulset_to_zero_and_leaves_a_pytorchjob(t
             assert notes.of("p") == []
 
 
+@pytest.mark.timeout(60)
+def test_a_controller_scales_a_finished_jobs_statefulset_to_zero_live_and_after_a_restart(
+        tmp_path):
+    """(Kubernetes API test double.) The job's final report reaches a real controller: its
+    StatefulSet goes to 0. A controller restarted from its state dir after the job finished
+    (its pods back meanwhile) does the same for it, and leaves an unfinished job alone."""
+    state = tmp_path / "state"
+    with api_double() as double:
+        double.add_statefulset(NS, "done", replicas=1)
+        double.add_statefulset(NS, "busy", replicas=1)
+        targets = ["done=statefulset/done", "busy=statefulset/busy"]
+        config = ControllerConfig(policy_interval_s=60, tick_s=0.05, metrics_port=None,
+                                  rdzv_port=None, actuator="kubernetes", state_dir=str(state))
+        with k8s_actuator(double, tmp_path, targets) as (act, _):
+            ctl = Controller(config, actuator=act).start()
+            try:
+                with channel_to(ctl) as (_, stub):
+                    for job in ("done", "busy"):
+                        agent = register(stub, job).agent_id
+                        send_reports(stub, agent, [report(job, step=i, world_size=1)
+                                                   for i in range(1, 4)])
+                    agent = register(stub, "done").agent_id
+                    send_reports(stub, agent, [report("done", step=4, world_size=1,
+                                                      finished=True)])
+                wait_for(lambda: double.replicas("statefulsets", NS, "done") == 0, 10,
+                         "the finished job's StatefulSet at 0")
+            finally:
+                ctl.stop(grace_s=0.2)
+        assert double.replicas("statefulsets", NS, "busy") == 1
+        double.scale("statefulsets", NS, "done", 1)          # say, an operator scaled it back
+        with k8s_actuator(double, tmp_path, targets) as (act, _):
+            ctl = Controller(config, actuator=act).start()
+            try:
+                assert ctl.core.registry.job("done").done
+                wait_for(lambda: double.replicas("statefulsets", NS, "done") == 0, 10,
+                         "the restored finished job's StatefulSet at 0")
+                time.sleep(0.3)
+                assert double.replicas("statefulsets", NS, "busy") == 1
+            finally:
+                ctl.stop(grace_s=0.2)
+
+
 @pytest.mark.timeout(30)
 def test_pending_pods_past_the_timeout_keep_the_job_at_its_size(tmp_path):
     """(Kubernetes API test double.) New pods stay Pending (no node fits them): after the
