@@ -58,10 +58,12 @@ def test_fixed_init_follows_pollux():
 # paid) and at most 3 % slower than the best fixed configuration. Not met yet where listed: the
 # job starts on one node (the only trace-blind start within 1.05x of the oracle everywhere:
 # from 16 GPUs ncf cannot come under 1.73x), and cifar10 must then grow to 16 GPUs. Even the
-# oracle held to that start needs 1.033x there (the floor in the message), which leaves 1.7 %
-# for learning; the early move to 16 (before the noise scale makes it pay) and the batch
-# catching up with the noise scale take ~6 %.
-KNOWN_GAPS = {("cifar10", 16): 1.12}
+# oracle held to that start needs 1.033x there (the floor in the message). The rest is lost in
+# epochs 0-3, where the trace's noise scale at a large batch is 3-4x the one at the job's own
+# (epoch 1: 108 at batch 128, 442 at 2048), so the move to 16 GPUs at a large batch pays in
+# hindsight but not by what the job measures; the same policy told the statistics at every
+# batch gets 1.048 (``benchmarks/simulate_pollux.py --what-if-stats``).
+KNOWN_GAPS = {("cifar10", 16): 1.08}
 
 
 @pytest.mark.parametrize("name", ["cifar10", "imagenet", "ncf"])
