@@ -56,7 +56,15 @@ from ..science.report import Report
 from ..science.scaling import AdaScale, ScalingRule
 from .ghost_bn import convert_ghost_batch_norm
 
-__all__ = ["AdaptiveDataParallel"]
+__all__ = ["AdaptiveDataParallel", "REPORT_MIN_GNS_UPDATES"]
+
+# A report carries the gradient statistics once their average holds this many estimates. Each
+# estimate is a difference of two squared norms, and an average of one to three of them can be
+# off tenfold (a char model's first report said a noise scale of 136,100 and its sixth 15,608);
+# the policy moves the batch on what the report says, and would move it back on the next one.
+# Five is about what the average keeps anyway at a batch of 16 x B0 (decay 0.99 ** 16 per
+# estimate). Before, the report says "no estimate yet" and the batch waits.
+REPORT_MIN_GNS_UPDATES = 5
 
 _DIRECTIVE_POLL_S = 0.1
 _GNS_EVERY = 4             # the fewest steps between measured ones
@@ -560,7 +568,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         step_time, sync_time = self._last_times   # a report between steps repeats the last
         self._step_times.clear()
         self._sync_times.clear()
-        known = self._gns.updates > 0 and math.isfinite(self.grad_sqr)
+        known = self._gns.updates >= REPORT_MIN_GNS_UPDATES and math.isfinite(self.grad_sqr)
         j = self._job
         loader = j.loader
         local_batch = loader.current_local_batch_size if loader is not None else (
