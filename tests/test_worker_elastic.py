@@ -19,6 +19,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
+from adaptrun.worker.parallel import REPORT_MIN_GNS_UPDATES
 from workers import harness
 
 TUNED_RDZV = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=60"
@@ -50,7 +51,8 @@ def test_same_script_alone_and_under_fixed_torchrun(tmp_path):
     alone.mkdir()
     reports = tmp_path / "reports.jsonl"
     out = subprocess.run([sys.executable, str(harness.WORKER), *args, "--out", str(alone)],
-                         env=harness.base_env(ADAPTRUN_REPORT_FILE=reports), cwd=harness.REPO,
+                         env=harness.base_env(ADAPTRUN_REPORT_FILE=reports,
+                                              ADAPTRUN_GNS_EVERY=4), cwd=harness.REPO,
                          capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr[-3000:]
     res = _assert_exactly_once(alone, 2, 1000)
@@ -69,6 +71,10 @@ def test_same_script_alone_and_under_fixed_torchrun(tmp_path):
     # alone with accumulation allowed: two micro-batches of 20, so the noise is measured
     assert (lines[-1]["world_size"], lines[-1]["local_batch"], lines[-1]["accum_steps"]) == (1, 20, 1)
     assert lines[-1]["grad_sqr"] > 0 and lines[-1]["grad_var"] > 0
+    # ... from the report whose average holds 5 estimates on (steps 1, 5, ..., 17 measured):
+    # before, the report says "no estimate yet" rather than one from a couple of estimates
+    assert REPORT_MIN_GNS_UPDATES == 5
+    assert [r["grad_sqr"] > 0 for r in lines] == [False] * 3 + [True] * 8, lines
 
     fixed = tmp_path / "fixed"
     fixed.mkdir()
