@@ -32,12 +32,42 @@ def test_small_noise_scale_keeps_small_batch_and_large_grows_it():
     d = p.decide()
     assert not d.changes_replicas
     assert d.config.global_batch <= 256
-    p.observe(report(cur, grad_sqr=1.0, grad_var=1000.0))  # B_noise ~ 128000
+    # B_noise ~ 128000 in two reports (the policy reads the median of the last three)
+    p.observe(report(cur, grad_sqr=1.0, grad_var=1000.0))
+    assert not p.decide().changes_batch
+    p.observe(report(cur, grad_sqr=1.0, grad_var=1000.0))
     d = p.decide()
     assert d.changes_batch and not d.changes_replicas
     assert d.config.global_batch > 1024
     assert d.goodput_chosen > d.goodput_current
     assert "batch 128 ->" in d.reason
+
+
+def test_one_far_off_noise_estimate_does_not_move_the_batch_and_a_lasting_change_does():
+    """A live job's noise-scale estimate can be far off for a report (one digits run: 12,529
+    between ~600 and ~1,000), and the batch followed it there and back, with AdaScale's LR.
+    The policy reads the median of the last three reports' estimates."""
+    p = Policy(BOUNDS, resize_cost_s=1e9)           # batch-only decisions
+    cfg = Config(4, 32, 0)
+    for _ in range(4):                              # B_noise = 128 * 5 = 640
+        p.observe(report(cfg, grad_sqr=1.0, grad_var=5.0))
+        cfg = p.decide().config
+    settled = cfg
+    assert settled.global_batch > 128
+    for var in (100.0, 5.0, 0.05, 5.0):             # one far off each way, in between
+        p.observe(report(cfg, grad_sqr=1.0, grad_var=var))
+        d = p.decide()
+        assert d.config == settled, (var, d.reason)
+    for _ in range(2):                              # the noise scale really grew 20-fold
+        p.observe(report(cfg, grad_sqr=1.0, grad_var=100.0))
+        d = p.decide()
+    assert d.config.global_batch > settled.global_batch, d.reason
+    # What it read survives a restart from the state.
+    q = Policy(BOUNDS, resize_cost_s=1e9).load_state_dict(p.state_dict())
+    assert q._recent == p._recent and q._stats == p._stats
+    bad = {**p.state_dict(), "recent_stats": [[0.0, 1.0]]}
+    with pytest.raises(ValueError, match="grad_sqr > 0"):
+        Policy(BOUNDS).load_state_dict(bad)
 
 
 def test_resize_taken_only_when_it_pays_for_itself():

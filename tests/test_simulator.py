@@ -63,7 +63,9 @@ def test_fixed_init_follows_pollux():
 # (epoch 1: 108 at batch 128, 442 at 2048), so the move to 16 GPUs at a large batch pays in
 # hindsight but not by what the job measures; the same policy told the statistics at every
 # batch gets 1.048 (``benchmarks/simulate_pollux.py --what-if-stats``).
-KNOWN_GAPS = {("cifar10", 16): 1.08}
+# The policy reads the median noise scale of the last three reports (robust to one far-off
+# estimate in a live run), which lags a lasting change by a report: 1.076 -> 1.081 here.
+KNOWN_GAPS = {("cifar10", 16): 1.085}
 
 
 @pytest.mark.parametrize("name", ["cifar10", "imagenet", "ncf"])
