@@ -5,7 +5,7 @@ G in {4, 16}. Ratios from one run, side by side.
     python benchmarks/simulate_pollux.py [--resize-cost-s 30] [--gpus 4 16] [--what-if-stats]
 
 ``--what-if-stats`` adds a diagnostic column: the same policy told the trace's gradient
-statistics at every batch it weighs (a real job measures them only at its own batch, and the
+statistics at every batch it predicts for (a real job measures them only at its own batch, and the
 policy extrapolates from there). It reads the trace's present, not its future, and says how
 much of the gap to the oracle is the extrapolation.
 """

@@ -5,7 +5,8 @@ Every connected agent holds two gRPC streams, and each stream is a few hundred P
 for seconds or for as long as the agent does: about a million at 10,000 agents. CPython's
 collector walks the ones that survived its last pass, so its generation-1 passes took
 0.1-0.2 s every ~2 s there and its full passes 0.6-1.8 s, pauses of the event loop in which no
-report is read (measured with gc callbacks at 10,000 agents of ``benchmarks/controller_load.py``).
+report is read (measured at 10,000 agents of ``benchmarks/controller_load.py`` with gc callbacks
+added to the controller for the purpose, and not kept).
 
 Reference counting frees nearly all of it anyway: the collector is only needed for cycles,
 and a cycle that outlives its objects' use comes from agents that went away. So once the

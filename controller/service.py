@@ -78,7 +78,10 @@ def job_status(job: Job, now_s: float, desired_workers: int | None) -> pb.JobSta
         r = job.last_report
         if r is not None:
             f = report_figures(r)
-            s.adaptive = r.grad_sqr != 0 or r.grad_var != 0
+            # The script declares a batch it may change, or its reports carry gradient
+            # statistics (which the first few reports of an adaptive script do not yet).
+            s.adaptive = (r.max_batch > r.init_batch or r.accumulation
+                          or r.grad_sqr != 0 or r.grad_var != 0)
             s.last_report_age_s = max(now_s - job.last_report_time_s, 0.0)
             s.step, s.epoch, s.progress, s.world_size = r.step, r.epoch, r.progress, r.world_size
             s.global_batch, s.local_batch, s.accum_steps = r.global_batch, r.local_batch, r.accum_steps

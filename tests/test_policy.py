@@ -68,6 +68,10 @@ def test_one_far_off_noise_estimate_does_not_move_the_batch_and_a_lasting_change
     bad = {**p.state_dict(), "recent_stats": [[0.0, 1.0]]}
     with pytest.raises(ValueError, match="grad_sqr > 0"):
         Policy(BOUNDS).load_state_dict(bad)
+    old = {k: v for k, v in p.state_dict().items() if k != "recent_stats"}
+    assert Policy(BOUNDS).load_state_dict(old)._recent == [p._stats]   # written before the window
+    with pytest.raises(ValueError, match="grad_sqr > 0"):
+        Policy(BOUNDS).load_state_dict({**old, "stats": [0.0, 1.0]})
 
 
 def test_resize_taken_only_when_it_pays_for_itself():

@@ -65,7 +65,7 @@ reverse (tried, measured worse than predicted, moved back) bars the count it wen
 ``holdoff_runs`` decisions, doubling with every further reversal (``_Moves``). The batch
 follows the median noise scale of the last ``stats_window`` (3) reports that measured one,
 not the last alone: one estimate far off (a live digits run reported 12,529 between ~600 and
-~1,000) would move the batch, and AdaScale's LR with it, there and back. A lasting change
+~1,000) would move the batch (and with it AdaScale's LR) there and back. A lasting change
 moves it one report later (cifar10 at 16 GPUs: 1.076 -> 1.081 of the oracle; imagenet at 16:
 1.023 -> 1.021).
 
@@ -357,7 +357,7 @@ class Policy:
 
     def state_dict(self) -> dict:
         """What the policy learned, as JSON-ready data (numbers, strings, lists, dicts): the
-        measured configurations, the last gradient statistics, the throughput fit, the
+        measured configurations, the last reports' gradient statistics, the throughput fit, the
         hold-off moves, the resize cost and the last report. Not the bounds (the job's) nor
         the tunables (the controller's settings). Non-finite floats are written as strings
         ("nan", "inf"), so the output is strict JSON. Pure: no I/O."""
@@ -399,8 +399,9 @@ class Policy:
                 "recent_stats", [] if stats is None else [stats])]
             if not all(sqr > 0 and math.isfinite(sqr) and math.isfinite(var)
                        for sqr, var in recent):
-                raise ValueError("policy state: recent_stats need finite numbers and "
-                                 "grad_sqr > 0")
+                raise ValueError("policy state: gradient statistics (stats, recent_stats) "
+                                 "need finite numbers and grad_sqr > 0")
+            stats = _median_noise(recent) if recent else None
             params = state["params"]
             params = None if params is None else ThroughputParams.from_array(
                 [_float(x) for x in params])

@@ -62,8 +62,8 @@ __all__ = ["AdaptiveDataParallel", "REPORT_MIN_GNS_UPDATES"]
 # estimate is a difference of two squared norms, and an average of one to three of them can be
 # off tenfold (a char model's first report said a noise scale of 136,100 and its sixth 15,608);
 # the policy moves the batch on what the report says, and would move it back on the next one.
-# Five is about what the average keeps anyway at a batch of 16 x B0 (decay 0.99 ** 16 per
-# estimate). Before, the report says "no estimate yet" and the batch waits.
+# Five is fewer than the average keeps anyway at a batch of 16 x B0 (about 7: decay 0.99 ** 16
+# per estimate). Before, the report says "no estimate yet" and the batch waits.
 REPORT_MIN_GNS_UPDATES = 5
 
 _DIRECTIVE_POLL_S = 0.1
