@@ -543,6 +543,11 @@ def _batch_caps(command):
                    "imported) per local process for a failure restart; negative: none, which "
                    "saves its memory and the CPU of its start on a small node (a failed round "
                    "then starts its workers cold).")
+@click.option("--ready-timeout-s", type=click.FloatRange(min=0.1), default=60.0,
+              show_default=True,
+              help="How long a running job keeps training at its size while the new nodes "
+                   "of a scale-up start (a pod's image pull included); then it keeps its "
+                   "size, and a node that comes later joins the next directive.")
 @click.option("--exit-with-parent", is_flag=True,
               help="Stop (as on SIGTERM) when the process that started this agent ends: "
                    "`adaptrun run` starts its agents so, and a kill -9 of it leaves none "
@@ -553,8 +558,8 @@ def _batch_caps(command):
 def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_conf,
                   max_restarts, node, local_addr, min_workers, max_workers, init_batch,
                   max_global_batch, local_batch_min, local_batch_max, snapshot_dir,
-                  controller_wait_s, warm_start, standby_after_s, exit_with_parent, verbose,
-                  command, credentials):
+                  controller_wait_s, warm_start, standby_after_s, ready_timeout_s,
+                  exit_with_parent, verbose, command, credentials):
     """Run this node's workers of a job: `adaptrun agent --job ID ... -- python train.py ARGS`."""
     import logging
     import os
@@ -595,7 +600,7 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
                          max_restarts=max_restarts, node=node, local_addr=local_addr,
                          bounds=bounds, snapshot_dir=snapshot_dir,
                          controller_wait_s=controller_wait_s, warm_start=warm_start,
-                         standby_after_s=standby_after_s,
+                         standby_after_s=standby_after_s, ready_timeout_s=ready_timeout_s,
                          parent_pid=os.getppid() if exit_with_parent else None)
     try:
         agent = Agent(config)

@@ -33,8 +33,11 @@ How a planned re-form flows (the controller decided: directive generation g, W w
   controller says so at registration, or ``final`` is in the store) starts nothing: exit 0.
 - Scale-up: the actuator starts new agents; a new agent learns g and W when it registers,
   announces itself in the store (``g<g>/joiners``) and joins round g. The old agents keep
-  training until every new agent has announced itself (up to ``ready_timeout_s``; then they
-  keep the old size and say so), so the gap is the re-form itself, not the new agent's start.
+  training until every new agent has announced itself (up to ``ready_timeout_s``, the agent's
+  ``--ready-timeout-s``; then they keep the old size, say so, and mark the directive
+  ``g<g>/kept``), so the gap is the re-form itself, not the new agent's start. A new agent
+  that comes after that (a slow image pull) does not join the kept directive's round, which
+  never forms: it asks the controller to re-admit it and joins the directive issued for it.
 - Scale-down: agents whose group rank is >= the new node count leave after the planned exit.
 
 The rendezvous store: the controller hosts one for its jobs and says where at registration
@@ -86,6 +89,7 @@ FINAL_KEY = "final"            # "<run id> <nodes>": the job finished in that ro
 COMMITTED_KEY = "committed"    # the newest step the job's reports showed
 TRAINED_KEY = "trained"        # the step at which rank 0 reported the job finished training
 ALIVE_KEY = "alive"            # a counter every agent in the job bumps every ALIVE_EVERY_S
+KEPT_KEY = "g{}/kept"          # the running world kept its size at this directive's generation
 ALIVE_EVERY_S = 0.5
 # A node waiting to join sees no bump this long: no agent runs the job (all were lost), so it
 # starts the job's next failure round itself instead of waiting for a re-form.
@@ -494,13 +498,21 @@ class Agent:
         return bool(self.store.call(lambda s: s.check([FINAL_KEY]), False))
 
     def _grows(self, d, formed: dict | None) -> bool:
-        """Directive ``d`` asks for more nodes than the newest formed round has, and is newer."""
+        """Directive ``d`` asks for more nodes than the newest formed round has, is newer,
+        and the running world has not kept its size instead (``_kept``)."""
         if d is None or d.generation <= 0 or d.world_size <= 0:
             return False
         if formed is None:
             return True
         return (d.generation > formed["generation"]
-                and self.config.nodes_for(d.world_size) > formed["nodes"])
+                and self.config.nodes_for(d.world_size) > formed["nodes"]
+                and not self._kept(d.generation))
+
+    def _kept(self, generation: int) -> bool:
+        """The running world kept its size at directive ``generation``: its new nodes did not
+        all announce themselves within ``ready_timeout_s``, so its round never forms. A node
+        that comes later asks to be re-admitted, and joins the directive issued for it."""
+        return bool(self.store.call(lambda s: s.check([KEPT_KEY.format(generation)]), False))
 
     def _first_round(self) -> RoundSpec | None:
         """The round this agent joins (None: the job is done, start nothing).
@@ -955,6 +967,7 @@ class Agent:
                 log.warning("directive %d asks for %d nodes but only %d new node(s) arrived "
                             "within %.0f s; keeping %d nodes", d.generation, target, joiners,
                             c.ready_timeout_s, nodes)
+                self.store.call(lambda s: s.set(KEPT_KEY.format(d.generation), "1"))
                 reform = False
                 st.planned = None
         if not reform and st.planned is not None and st.written < st.planned.generation:

@@ -90,3 +90,43 @@ def test_a_node_joins_the_directive_in_either_order_and_a_late_one_exits(tmp_pat
     steps = [r["step"] for r in rows]
     assert steps == list(range(1, len(steps) + 1)), "a global step repeated or was skipped"
     check_exactly_once(out)
+
+
+@pytest.mark.timeout(180)
+def test_a_node_that_comes_after_the_job_kept_its_size_joins_the_next_directive(tmp_path):
+    """A directive grows the job, but its new node comes later than --ready-timeout-s (a pod
+    whose image pull takes longer): the running world keeps its size. When the node comes it
+    joins the job at a directive issued for it, instead of waiting in the round given up."""
+    out, pace = tmp_path / "out", tmp_path / "pace"
+    out.mkdir()
+    pace.write_text("0.1")
+    worker = (LSQ, "--samples", "20000", "--batch", "24", "--epochs", "1", "--pace-file",
+              str(pace), "--out", str(out))
+    logs = {n: tmp_path / f"{n}.log" for n in ("n0", "n1")}
+    procs = {}
+    with rdzv_store() as rdzv, controller() as ctl, channel_to(ctl) as (_ch, stub):
+        def agent(node):
+            procs[node] = harness.start(
+                agent_argv("late", node, controller_addr=ctl.address, rdzv=rdzv, nnodes="1:2",
+                           bounds=(1, 2), snapshot_dir=tmp_path / f"snap-{node}",
+                           worker=worker, extra=["--ready-timeout-s", "2"]),
+                harness.base_env(), logs[node])
+        try:
+            agent("n0")
+            harness.wait_steps(out, lambda r: r["world"] == 1, 5, 90, procs.values())
+            stub.SetBounds(pb.SetBoundsRequest(job_id="late", min_workers=2, max_workers=2),
+                           timeout=10)
+            _wait_for(lambda: "new node(s) arrived within" in harness.tail(logs["n0"]), 60,
+                      "the job to keep its size", procs.values())
+            t1 = time.time()
+            agent("n1")
+            harness.wait_steps(out, lambda r: r["world"] == 2 and r["t"] > t1, 3, 60,
+                               procs.values())
+            pace.write_text("0")
+            assert harness.wait_all([procs["n0"], procs["n1"]], 120) == [0, 0]
+        finally:
+            for p in procs.values():
+                harness.stop(p)
+    text = harness.tail(logs["n1"], 100000)
+    assert "did not form within" not in text, text[-2000:]
+    check_exactly_once(out)
