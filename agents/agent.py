@@ -573,6 +573,10 @@ class Agent:
         if newest is not None and newest.generation > d.generation and self._grows(
                 newest, self._formed()):
             d = newest
+        elif self._kept(d.generation):
+            log.info("job %s kept its size at directive %d before this node was ready; asking "
+                     "to join again", c.job_id, d.generation)
+            return self._first_round()
         n = c.nodes_for(d.world_size)
         self.store.keys.add(f"g{d.generation}/joiners", 1)   # the old world may stop now
         log.info("joining job %s at directive %d (%d workers on %d nodes)", c.job_id,

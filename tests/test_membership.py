@@ -27,21 +27,32 @@ def _wait_for(predicate, timeout_s: float, what: str, procs=()):
         time.sleep(0.1)
 
 
-@pytest.mark.timeout(240)
-def test_a_node_joins_the_directive_in_either_order_and_a_late_one_exits(tmp_path):
+def _paced_job(tmp_path):
+    """The output folder, pace file and worker argv of a paced least-squares job (0.1 s a
+    step until the test sets the pace to 0)."""
     out, pace = tmp_path / "out", tmp_path / "pace"
     out.mkdir()
     pace.write_text("0.1")
     worker = (LSQ, "--samples", "20000", "--batch", "24", "--epochs", "1", "--pace-file",
               str(pace), "--out", str(out))
+    return out, pace, worker
+
+
+def _start_agent(procs, logs, tmp_path, job, node, ctl, rdzv, worker, max_nodes, extra=()):
+    procs[node] = harness.start(
+        agent_argv(job, node, controller_addr=ctl.address, rdzv=rdzv, nnodes=f"1:{max_nodes}",
+                   bounds=(1, max_nodes), snapshot_dir=tmp_path / f"snap-{node}",
+                   worker=worker, extra=extra), harness.base_env(), logs[node])
+
+
+@pytest.mark.timeout(240)
+def test_a_node_joins_the_directive_in_either_order_and_a_late_one_exits(tmp_path):
+    out, pace, worker = _paced_job(tmp_path)
     logs = {n: tmp_path / f"{n}.log" for n in ("n0", "n1", "n2", "n3")}
     procs = {}
     with rdzv_store() as rdzv, controller() as ctl, channel_to(ctl) as (_ch, stub):
         def agent(node):
-            procs[node] = harness.start(
-                agent_argv("mj", node, controller_addr=ctl.address, rdzv=rdzv, nnodes="1:3",
-                           bounds=(1, 3), snapshot_dir=tmp_path / f"snap-{node}",
-                           worker=worker), harness.base_env(), logs[node])
+            _start_agent(procs, logs, tmp_path, "mj", node, ctl, rdzv, worker, 3)
         try:
             agent("n0")
             harness.wait_steps(out, lambda r: r["world"] == 1, 5, 90, procs.values())
@@ -97,20 +108,13 @@ def test_a_node_that_comes_after_the_job_kept_its_size_joins_the_next_directive(
     """A directive grows the job, but its new node comes later than --ready-timeout-s (a pod
     whose image pull takes longer): the running world keeps its size. When the node comes it
     joins the job at a directive issued for it, instead of waiting in the round given up."""
-    out, pace = tmp_path / "out", tmp_path / "pace"
-    out.mkdir()
-    pace.write_text("0.1")
-    worker = (LSQ, "--samples", "20000", "--batch", "24", "--epochs", "1", "--pace-file",
-              str(pace), "--out", str(out))
+    out, pace, worker = _paced_job(tmp_path)
     logs = {n: tmp_path / f"{n}.log" for n in ("n0", "n1")}
     procs = {}
     with rdzv_store() as rdzv, controller() as ctl, channel_to(ctl) as (_ch, stub):
         def agent(node):
-            procs[node] = harness.start(
-                agent_argv("late", node, controller_addr=ctl.address, rdzv=rdzv, nnodes="1:2",
-                           bounds=(1, 2), snapshot_dir=tmp_path / f"snap-{node}",
-                           worker=worker, extra=["--ready-timeout-s", "2"]),
-                harness.base_env(), logs[node])
+            _start_agent(procs, logs, tmp_path, "late", node, ctl, rdzv, worker, 2,
+                         extra=["--ready-timeout-s", "5"])
         try:
             agent("n0")
             harness.wait_steps(out, lambda r: r["world"] == 1, 5, 90, procs.values())
