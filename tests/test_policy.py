@@ -74,6 +74,37 @@ def test_one_far_off_noise_estimate_does_not_move_the_batch_and_a_lasting_change
         Policy(BOUNDS).load_state_dict({**old, "stats": [0.0, 1.0]})
 
 
+def test_undoing_a_batch_move_soon_after_needs_more_than_a_small_gain():
+    """Noise-scale estimates some 50 % apart, in turn, would move the batch up and back down
+    for a percent or two each time (a live digits run: 328 -> 244 -> 328 at +2 % each): a
+    batch move that undoes the last one within holdoff_runs decisions needs
+    batch_reversal_gain (5 %); a bigger gain is still taken."""
+    def run(down_var):
+        p = Policy(BOUNDS, resize_cost_s=1e9)       # batch-only decisions
+        cfg = Config(4, 32, 0)
+        for var in (10.0,) * 4 + (20.0,) * 2:      # settle, then the noise scale doubles
+            p.observe(report(cfg, grad_sqr=1.0, grad_var=var))
+            cfg = p.decide().config
+        up = cfg
+        for _ in range(2):
+            p.observe(report(cfg, grad_sqr=1.0, grad_var=down_var))
+            d = p.decide()
+        return up, d
+
+    up, d = run(10.0)                               # back down would gain ~3 %
+    assert up.global_batch > 128 * 10 // 4, up     # it did move up
+    assert d.config == up and "would undo the last batch move" in d.reason, d.reason
+    up, d = run(5.0)                                # back down gains ~12 %: taken
+    assert d.config.global_batch < up.global_batch, d.reason
+    # The direction of the last batch move survives a restart from the state.
+    p = Policy(BOUNDS, resize_cost_s=1e9)
+    p.observe(report(Config(4, 32, 0), grad_sqr=1.0, grad_var=1000.0))
+    p.observe(report(Config(4, 32, 0), grad_sqr=1.0, grad_var=1000.0))
+    assert p.decide().changes_batch
+    q = Policy(BOUNDS, resize_cost_s=1e9).load_state_dict(p.state_dict())
+    assert q._moves.batch_last == p._moves.batch_last is not None
+
+
 def test_resize_taken_only_when_it_pays_for_itself():
     cur = Config(4, 64, 0)
     long_run = Policy(BOUNDS, resize_cost_s=30.0)

@@ -67,7 +67,10 @@ follows the median noise scale of the last ``stats_window`` (3) reports that mea
 not the last alone: one estimate far off (a live digits run reported 12,529 between ~600 and
 ~1,000) would move the batch (and with it AdaScale's LR) there and back. A lasting change
 moves it one report later (cifar10 at 16 GPUs: 1.076 -> 1.081 of the oracle; imagenet at 16:
-1.023 -> 1.021).
+1.023 -> 1.021). A batch-only move that undoes the last one (the other direction) within
+``holdoff_runs`` decisions needs ``batch_reversal_gain`` (5 %) instead of ``batch_min_gain``:
+estimates some 50 % apart in turn moved a live batch 328 -> 244 -> 328 for 2 % each time (no
+row of the simulated workloads changed).
 
 The policy reads only what a live job reports: measured step and sync times of
 configurations it has run, and the gradient statistics at its current batch. It never sees
@@ -276,13 +279,19 @@ class _Measured:
 
 @dataclass
 class _Moves:
-    """Replica-count moves the policy decided, to keep it from flapping: a move reversed within
-    ``holdoff_runs`` decisions bars the count it left for ``holdoff_runs * 2^(flaps - 1)``
-    decisions (every flap of the same count doubles the bar)."""
+    """Moves the policy decided, to keep it from flapping: a replica-count move reversed
+    within ``holdoff_runs`` decisions bars the count it left for ``holdoff_runs * 2^(flaps -
+    1)`` decisions (every flap of the same count doubles the bar); the last batch-only move's
+    direction, so that undoing it soon after must gain more (``Policy.batch_reversal_gain``)."""
     runs: int = 0
     last: tuple[int, int, int] | None = None       # (run, from replicas, to replicas)
     flaps: dict = field(default_factory=dict)       # replicas -> reversals counted against it
     barred_until: dict = field(default_factory=dict)
+    batch_last: tuple[int, int] | None = None      # (run, +1 up / -1 down)
+
+    def reverses_batch(self, direction: int, holdoff_runs: int) -> bool:
+        b = self.batch_last
+        return b is not None and b[1] == -direction and self.runs - b[0] <= holdoff_runs
 
     def barred(self, replicas: int) -> bool:
         return self.barred_until.get(replicas, -1) > self.runs
@@ -304,6 +313,7 @@ class Policy:
     resize_cost_s: float = 30.0
     resize_min_gain: float = 0.05
     batch_min_gain: float = 0.01
+    batch_reversal_gain: float = 0.05
     payback: float = 2.0
     explore_factor: float = math.inf
     grid_points: int = 48
@@ -374,7 +384,8 @@ class Policy:
             "params_stale": bool(self._dirty),
             "moves": {"runs": m.runs, "last": None if m.last is None else list(m.last),
                       "flaps": [[r, n] for r, n in m.flaps.items()],
-                      "barred_until": [[r, until] for r, until in m.barred_until.items()]},
+                      "barred_until": [[r, until] for r, until in m.barred_until.items()],
+                      "batch_last": None if m.batch_last is None else list(m.batch_last)},
             "last_report": None if self.last_report is None else {
                 k: _num(v) if isinstance(v, float) else v
                 for k, v in self.last_report.to_dict().items()},
@@ -409,7 +420,9 @@ class Policy:
             moves = _Moves(runs=_int(mv["runs"]),
                            last=None if mv["last"] is None else tuple(_int(x) for x in mv["last"]),
                            flaps={_int(r): _int(n) for r, n in mv["flaps"]},
-                           barred_until={_int(r): _int(u) for r, u in mv["barred_until"]})
+                           barred_until={_int(r): _int(u) for r, u in mv["barred_until"]},
+                           batch_last=None if mv.get("batch_last") is None else
+                           (_int(mv["batch_last"][0]), _int(mv["batch_last"][1])))
             rep = state["last_report"]
             if rep is not None:
                 rep = Report.from_dict({k: _float(v) if k in _REPORT_FLOATS else v
@@ -605,6 +618,15 @@ class Policy:
                             f"batch {current.global_batch} outside the bounds: "
                             f"{same_cfg.describe()}")
         if same_cfg != current and g_same > g_cur * (1.0 + self.batch_min_gain):
+            direction = 1 if same_cfg.global_batch > current.global_batch else -1
+            if (self._moves.reverses_batch(direction, self.holdoff_runs)
+                    and g_same < g_cur * (1.0 + self.batch_reversal_gain)):
+                return Decision(current, current, g_cur, g_cur,
+                                f"keep: batch {current.global_batch} -> "
+                                f"{same_cfg.global_batch} would undo the last batch move for "
+                                f"+{g_same / g_cur - 1:.1%} (undoing it needs "
+                                f"+{self.batch_reversal_gain:.0%})")
+            self._moves.batch_last = (self._moves.runs, direction)
             return Decision(same_cfg, current, g_cur, g_same,
                             f"batch {current.global_batch} -> {same_cfg.global_batch}: "
                             f"goodput +{g_same / g_cur - 1:.0%} (noise scale "
