@@ -133,6 +133,10 @@ class _Stopped(Exception):
     """SIGTERM/SIGINT reached the agent while no workers ran."""
 
 
+class _KeptMeanwhile(Exception):
+    """The directive a new node chose was kept (``_kept``) while its workers got ready."""
+
+
 class ReportRelay:
     """Tails the workers' report file and hands reports to the controller client.
 
@@ -576,7 +580,7 @@ class Agent:
         elif self._kept(d.generation):
             log.info("job %s kept its size at directive %d before this node was ready; asking "
                      "to join again", c.job_id, d.generation)
-            return self._first_round()
+            raise _KeptMeanwhile()
         n = c.nodes_for(d.world_size)
         self.store.keys.add(f"g{d.generation}/joiners", 1)   # the old world may stop now
         log.info("joining job %s at directive %d (%d workers on %d nodes)", c.job_id,
@@ -610,7 +614,10 @@ class Agent:
         choice is made again."""
         c = self.config
         while True:
-            spec = self._first_round()
+            try:
+                spec = self._first_round()
+            except _KeptMeanwhile:
+                continue
             if spec is None:
                 return None, None
             conf = c.rdzv_conf if spec.generation == 0 else dataclasses.replace(
@@ -949,7 +956,10 @@ class Agent:
         target = c.nodes_for(d.world_size) if d.world_size > 0 else nodes
         # A directive this round (or an earlier one) already formed from is only its batch: a
         # failure round of fewer nodes must not re-form to that directive's closed round.
-        reform = target != nodes and d.generation > st.round_generation
+        # A directive the job kept its size at (a world before a failure restart) stays kept:
+        # its late nodes were sent on to ask for a new one.
+        reform = (target != nodes and d.generation > st.round_generation
+                  and not (target > nodes and self._kept(d.generation)))
         if reform:
             st.planned = RoundSpec(d.generation, 0, target, target)
             if st.order_rank < target and d.generation not in st.announced:
@@ -971,7 +981,7 @@ class Agent:
                 log.warning("directive %d asks for %d nodes but only %d new node(s) arrived "
                             "within %.0f s; keeping %d nodes", d.generation, target, joiners,
                             c.ready_timeout_s, nodes)
-                self.store.call(lambda s: s.set(KEPT_KEY.format(d.generation), "1"))
+                self.store.remember(KEPT_KEY.format(d.generation), "1")
                 reform = False
                 st.planned = None
         if not reform and st.planned is not None and st.written < st.planned.generation:
