@@ -16,11 +16,10 @@ import time
 
 import numpy as np
 
-from adaptrun.science.efficiency import gain
-from adaptrun.science.policy import JobBounds, Policy
-from adaptrun.science.throughput import step_time
+from adaptrun.science.policy import Policy
 from adaptrun.simulation.oracle import oracle_plan
-from adaptrun.simulation.simulator import best_fixed, fixed_init, fixed_time, simulate_adaptive
+from adaptrun.simulation.simulator import (best_fixed, fixed_init, fixed_time, simulate_adaptive,
+                                           workload_bounds)
 from adaptrun.simulation.traces import DEFAULT_EPOCHS, bundled_trace_dir, load_workload
 
 
@@ -33,20 +32,13 @@ class _ToldStats(Policy):
         self.workload = workload
 
     def goodput(self, replicas, local_batch, accum_steps, grad_sqr=None, grad_var=None):
-        replicas = np.asarray(replicas)
-        batch = replicas * np.asarray(local_batch) * (np.asarray(accum_steps) + 1)
+        batch = np.asarray(replicas) * np.asarray(local_batch) * (np.asarray(accum_steps) + 1)
         sqr, var = self.workload.grad_stats(self.last_report.epoch, batch)
-        b0 = self.bounds.init_batch
-        t = step_time(self.params, self.bounds.nodes_for(replicas), replicas, local_batch,
-                      accum_steps)
-        return b0 * gain(sqr, var, batch / b0) / t
+        return super().goodput(replicas, local_batch, accum_steps, sqr, var)
 
 
 def _told_stats_time(w, gpus, epochs, gpus_per_node, resize_cost_s) -> float:
-    bounds = JobBounds(init_batch=w.init_batch, max_batch=w.max_batch, max_replicas=gpus,
-                       local_batch_min=w.local_batch_min, local_batch_max=w.local_batch_max,
-                       slots_per_node=gpus_per_node)
-    policy = _ToldStats(w, bounds, resize_cost_s=resize_cost_s)
+    policy = _ToldStats(w, workload_bounds(w, gpus, gpus_per_node), resize_cost_s=resize_cost_s)
     return simulate_adaptive(w, gpus, epochs, gpus_per_node, resize_cost_s,
                              policy=policy).time_s
 

@@ -318,10 +318,9 @@ class Policy:
     explore_factor: float = math.inf
     grid_points: int = 48
     holdoff_runs: int = 10
+    stats_window: int = 3
     _measured: dict = field(default_factory=dict, repr=False)
     _moves: _Moves = field(default_factory=_Moves, repr=False)
-    stats_window: int = 3
-    _stats: tuple[float, float] | None = field(default=None, repr=False)  # the one in force
     _recent: list = field(default_factory=list, repr=False)  # the last stats_window measured
     _params: ThroughputParams | None = field(default=None, repr=False)
     _dirty: bool = field(default=True, repr=False)
@@ -348,7 +347,6 @@ class Policy:
         if report.grad_sqr > 0 and math.isfinite(report.noise_scale):
             self._recent = [*self._recent, (report.grad_sqr, report.grad_var)][
                 -max(1, self.stats_window):]
-            self._stats = _median_noise(self._recent)
         self.last_report = report
 
     def with_bounds(self, bounds: JobBounds) -> "Policy":
@@ -358,7 +356,6 @@ class Policy:
         p._params = self._params
         p._dirty = self._dirty
         p._moves = self._moves
-        p._stats = self._stats
         p._recent = self._recent
         return p
 
@@ -412,7 +409,6 @@ class Policy:
                        for sqr, var in recent):
                 raise ValueError("policy state: gradient statistics (stats, recent_stats) "
                                  "need finite numbers and grad_sqr > 0")
-            stats = _median_noise(recent) if recent else None
             params = state["params"]
             params = None if params is None else ThroughputParams.from_array(
                 [_float(x) for x in params])
@@ -430,11 +426,16 @@ class Policy:
             resize_cost_s = _float(state["resize_cost_s"])
         except (KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ValueError(f"not a policy state: {type(exc).__name__}: {exc}") from None
-        self._measured, self._stats, self._params = measured, stats, params
-        self._recent = recent
+        self._measured, self._recent, self._params = measured, recent, params
         self._dirty = bool(state.get("params_stale", True)) or params is None
         self._moves, self.last_report, self.resize_cost_s = moves, rep, resize_cost_s
         return self
+
+    @property
+    def _stats(self) -> tuple[float, float] | None:
+        """The (grad_sqr, grad_var) in force: the median noise scale of the last reports that
+        measured one (None before any did)."""
+        return _median_noise(self._recent) if self._recent else None
 
     def samples(self) -> list[ThroughputSample]:
         return [ThroughputSample(n, r, a, k, m.step_sum / m.count, m.sync_sum / m.count)

@@ -32,7 +32,7 @@ from ..science.report import Report
 from .traces import TraceError, Workload
 
 __all__ = ["SimResult", "Segment", "fixed_time", "fixed_init", "best_fixed", "simulate_fixed",
-           "simulate_adaptive", "choose_local_batch"]
+           "simulate_adaptive", "choose_local_batch", "workload_bounds"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,13 @@ def simulate_fixed(w: Workload, replicas: int, global_batch: float, epochs: int,
     return SimResult(t, 0, [seg])
 
 
+def workload_bounds(w: Workload, gpus: int, gpus_per_node: int = 4) -> JobBounds:
+    """The bounds a job of workload ``w`` on ``gpus`` GPUs gives its policy."""
+    return JobBounds(init_batch=w.init_batch, max_batch=w.max_batch, min_replicas=1,
+                     max_replicas=gpus, local_batch_min=w.local_batch_min,
+                     local_batch_max=w.local_batch_max, slots_per_node=gpus_per_node)
+
+
 def simulate_adaptive(w: Workload, gpus: int, epochs: int, gpus_per_node: int = 4,
                       resize_cost_s: float = 30.0, report_every_steps: int = 20,
                       first_report_steps: int = 10, policy: Policy | None = None,
@@ -165,9 +172,7 @@ def simulate_adaptive(w: Workload, gpus: int, epochs: int, gpus_per_node: int = 
     """Run the live policy against the trace from ``start`` (default: where the policy
     chooses to start); see the module docstring."""
     target = w.target_progress(epochs)
-    bounds = JobBounds(init_batch=w.init_batch, max_batch=w.max_batch, min_replicas=1,
-                       max_replicas=gpus, local_batch_min=w.local_batch_min,
-                       local_batch_max=w.local_batch_max, slots_per_node=gpus_per_node)
+    bounds = workload_bounds(w, gpus, gpus_per_node)
     policy = policy or Policy(bounds, resize_cost_s=resize_cost_s)
     if start is None:
         cfg = policy.initial_config()
