@@ -280,3 +280,32 @@ def test_a_move_on_a_guessed_sync_must_gain_more_than_the_guess():
     q = Policy(BOUNDS)
     q.observe(report(Config(1, 32, 1), grad_sqr=1.0, grad_var=1000.0, target=1e9))
     assert q._prior_share(Config(4, 32, 0)) > 0.0 and q._prior_share(across) > 0.0
+
+
+def test_moving_back_to_fewer_workers_must_pay_in_the_worse_of_the_two_futures():
+    """A count the job left is judged as a move to it is: over the rest of the run, in the
+    worse of the two futures (the noise scale stays, or grows until throughput decides).
+    Fewer replicas that win only while the noise scale is small are not worth a resize back;
+    fewer replicas that win in both futures are."""
+    def measured(p, cfg, n=2, slower=1.0):
+        for _ in range(n):
+            r = report(cfg, grad_sqr=1.0, grad_var=1.0, target=1e9)
+            p.observe(dataclasses_replace(r, step_time_s=r.step_time_s * slower,
+                                          sync_time_s=r.step_time_s * slower
+                                          - (r.step_time_s - r.sync_time_s)))
+
+    one_node, two_nodes = Config(4, 32, 0), Config(8, 32, 0)
+    # Two nodes measured as the model expects: far more throughput at a large local batch,
+    # less goodput at today's small noise scale than one node.
+    p = Policy(BOUNDS, resize_cost_s=10.0)
+    measured(p, one_node)
+    measured(p, two_nodes)
+    assert p.goodput(4, 32, 0) > 1.05 * p.goodput(8, 32, 0)
+    d = p.decide()
+    assert d.config.replicas == 8, d.reason
+    # Two nodes measured 30x slower than that: fewer workers win in both futures.
+    q = Policy(BOUNDS, resize_cost_s=10.0)
+    measured(q, one_node)
+    measured(q, two_nodes, slower=30.0)
+    d = q.decide()
+    assert d.config.replicas == 4 and d.reason.startswith("back to"), d.reason

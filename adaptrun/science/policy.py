@@ -60,9 +60,16 @@ B0, max batch, local bounds and accumulation as ``AdaptiveDataLoader`` declares 
 the launcher's optional caps), so a script with a fixed batch never gets another one.
 
 No flapping. The resize cost the controller gives the policy is the measured gap of the job's
-planned re-forms (a prior until the first). A move of replica count that the next decisions
-reverse (tried, measured worse than predicted, moved back) bars the count it went to for
-``holdoff_runs`` decisions, doubling with every further reversal (``_Moves``). The batch
+planned re-forms (a prior until the first). A count the job ran at is judged by the model
+corrected by what was measured there (the mean ratio of predicted to measured step time), at
+the batch that suits today's statistics, not at the batches it happened to run: a count
+measured at a batch the noise scale has since outgrown is not worse for it. A move back to
+such a count is weighed as any resize, in the worse of the two futures: cifar10 on 8 GPUs went
+to two nodes, measured them 1 % behind one node at the noise scale of the moment, went back
+and came again 7 epochs later (3 resizes, 1.156 of the oracle; now 1 resize, 1.062). A move
+of replica count that the next decisions reverse (tried, measured worse than predicted, moved
+back) bars the count it went to for ``holdoff_runs`` decisions, doubling with every further
+reversal (``_Moves``). The batch
 follows the median noise scale of the last ``stats_window`` (3) reports that measured one,
 not the last alone: one estimate far off (a live digits run reported 12,529 between ~600 and
 ~1,000) would move the batch (and with it AdaScale's LR) there and back. A lasting change
@@ -495,19 +502,25 @@ class Policy:
             return max(rep.target_progress - rep.progress, 0.0) * self.bounds.init_batch
         return g_same * rep.time_s
 
-    def _resize_saving_s(self, r, a, k, g_same, g_new, r_new, r_cur) -> float:
+    def _resize_saving_s(self, r, a, k, g_same, g_new, r_new, r_cur, corr=None) -> float:
         """Seconds a move to ``r_new`` replicas saves over the rest of the run, in the worse
         of two futures: the noise scale stays where it is (goodputs as predicted now), or it
         grows without bound (every example fully efficient: goodput = throughput). Training
-        lives between the two, since the noise scale grows as the loss falls."""
+        lives between the two, since the noise scale grows as the loss falls. ``corr``: per
+        replica count, the measured correction of the model's step time there."""
+        corr = corr or {}
         work = self._remaining_work(g_same)
         now = work * (1.0 / max(g_same, 1e-12) - 1.0 / max(g_new, 1e-12))
         thr = r * a * (k + 1) / step_time(self.params, self.bounds.nodes_for(r), r, a, k)
-        thr_same = float(np.max(thr[r == r_cur])) if np.any(r == r_cur) else 0.0
-        thr_new = float(np.max(thr[r == r_new]))
+
+        def best_thr(count):
+            at = r == count
+            return float(np.max(thr[at])) * corr.get(count, 1.0) if np.any(at) else 0.0
+
+        thr_same, thr_new = best_thr(r_cur), best_thr(r_new)
         if thr_same <= 0:
             return now
-        later = work * (1.0 / thr_same - 1.0 / thr_new)
+        later = work * (1.0 / thr_same - 1.0 / max(thr_new, 1e-12))
         return min(now, later)
 
     def initial_config(self) -> Config:
@@ -571,10 +584,12 @@ class Policy:
         else:
             same_cfg, g_same = current, g_cur
 
-        # Correct by measurement: a count the job has run at is judged by what it measured
-        # there (today's gradient statistics), not by the model: move back to a measured
-        # count that did better, and never to one that measured worse.
-        meas = self._measured_goodputs(**stats)
+        # Correct by measurement: a count the job has run at is judged by the model corrected
+        # by what it measured there (at the batch that suits today's gradient statistics):
+        # move back to a measured count that does better, weighed as any resize is (in the
+        # worse of the two futures), and never to one that measured worse.
+        corr = self._corrections()
+        meas = self._measured_goodputs(r, a, k, g, corr)
         here = meas.get(current.replicas)
         if here is not None:
             others = [(gm, cfg) for r_, (gm, cfg) in meas.items()
@@ -583,14 +598,15 @@ class Policy:
                       and (measured or cfg.global_batch == current.global_batch)]
             if others:
                 g_back, cfg_back = max(others, key=lambda x: x[0])
-                saved_s = self._remaining_work(here[0]) * (1.0 / here[0] - 1.0 / g_back)
+                saved_s = self._resize_saving_s(r, a, k, here[0], g_back, cfg_back.replicas,
+                                                current.replicas, corr)
                 if (g_back > here[0] * (1.0 + self.resize_min_gain)
                         and saved_s > self.payback * self.resize_cost_s):
                     return self._move(Decision(
                         cfg_back, current, here[0], g_back,
-                        f"back to {cfg_back.describe()}: measured goodput {g_back:.0f} there "
-                        f"beats {here[0]:.0f} measured at {current.replicas} workers "
-                        f"(+{g_back / here[0] - 1:.0%}){waiting}"))
+                        f"back to {cfg_back.describe()}: goodput {g_back:.0f} there beats "
+                        f"{here[0]:.0f} at {current.replicas} workers (+{g_back / here[0] - 1:.0%};"
+                        f" step times as measured), saves >= {saved_s:.0f} s{waiting}"))
             measured_worse = (best_cfg.replicas in meas
                               and meas[best_cfg.replicas][0] <= here[0])
         else:
@@ -606,7 +622,7 @@ class Policy:
         if best_cfg.replicas != current.replicas and not measured_worse and not untried_batch:
             gain_frac = float(g[best]) / max(g_same, 1e-12) - 1.0
             saved_s = self._resize_saving_s(r, a, k, g_same, float(g[best]), best_cfg.replicas,
-                                            current.replicas)
+                                            current.replicas, corr)
             need = self.resize_min_gain + self._prior_share(best_cfg)
             if gain_frac >= need and saved_s > self.payback * self.resize_cost_s:
                 return self._move(Decision(
@@ -651,22 +667,32 @@ class Policy:
         t2 = float(step_time(q, n, cfg.replicas, cfg.local_batch, cfg.accum_steps))
         return t2 / max(t, 1e-12) - 1.0
 
-    def _measured_goodputs(self, grad_sqr=None, grad_var=None) -> dict:
-        """Per replica count, the best goodput measured there (mean step time of each
-        configuration seen at least twice, today's gradient statistics): {replicas: (goodput,
-        Config)}."""
-        rep = self.last_report
-        sqr = rep.grad_sqr if grad_sqr is None else grad_sqr
-        var = rep.grad_var if grad_var is None else grad_var
-        b0 = self.bounds.init_batch
+    def _corrections(self) -> dict:
+        """Per replica count the job has run at: the mean ratio of the model's step time to
+        the measured one, over the configurations seen there at least twice (one report may
+        hold a warm-up step). Multiplying a predicted goodput there by it corrects the model
+        by what was measured."""
+        ratios: dict = {}
+        for (n, r, a, k), m in self._measured.items():
+            if m.count >= 2:
+                t_pred = float(step_time(self.params, n, r, a, k))
+                ratios.setdefault(r, []).append(t_pred / max(m.step_sum / m.count, 1e-12))
+        return {r: float(np.mean(x)) for r, x in ratios.items()}
+
+    @staticmethod
+    def _measured_goodputs(r, a, k, g, corr: dict) -> dict:
+        """Per replica count the job has run at, the best goodput among the candidates there
+        (arrays ``r, a, k`` with model goodputs ``g``), corrected by what was measured there
+        (``corr``): {replicas: (goodput, Config)}. A count is judged at the batch that suits
+        today's gradient statistics, not at the batches it happened to run (set by older
+        ones): a count measured at a batch the noise scale has since outgrown is not worse
+        for it."""
         best: dict = {}
-        for (_n, r, a, k), m in self._measured.items():
-            if m.count < 2:
-                continue                  # one report may hold a warm-up step
-            cfg = Config(r, a, k)
-            g = float(b0 * gain(sqr, var, cfg.global_batch / b0) / (m.step_sum / m.count))
-            if r not in best or g > best[r][0]:
-                best[r] = (g, cfg)
+        for count, c in corr.items():
+            at = np.flatnonzero(r == count)
+            if at.size:
+                i = at[int(np.argmax(g[at]))]
+                best[count] = (float(g[i]) * c, Config(count, int(a[i]), int(k[i])))
         return best
 
     def _was_measured(self, cfg: Config) -> bool:
