@@ -3,6 +3,12 @@ configuration (in hindsight) and fixed-init, on the bundled Pollux traces: three
 G in {4, 16}. Ratios from one run, side by side.
 
     python benchmarks/simulate_pollux.py [--resize-cost-s 30] [--gpus 4 16] [--what-if-stats]
+    python benchmarks/simulate_pollux.py --start-floors
+
+``--start-floors`` prints, instead, the oracle held to each possible first replica count R
+(its hindsight, but starting at R) over the free oracle: the floor of any policy that starts
+at R. A policy must choose its start before it has measured anything, so the start it can
+defend is the one whose floor is low on every workload.
 
 ``--what-if-stats`` adds a diagnostic column: the same policy told the trace's gradient
 statistics at every batch it predicts for (a real job measures them only at its own batch, and the
@@ -43,6 +49,20 @@ def _told_stats_time(w, gpus, epochs, gpus_per_node, resize_cost_s) -> float:
                              policy=policy).time_s
 
 
+def _start_floors(args) -> None:
+    print(f"resize cost {args.resize_cost_s:g} s, {args.gpus_per_node} GPUs per node: "
+          f"oracle from a first replica count R / oracle")
+    for name in args.workloads:
+        w = load_workload(bundled_trace_dir(name))
+        epochs = DEFAULT_EPOCHS[name]
+        for g in args.gpus:
+            free = oracle_plan(w, g, epochs, args.gpus_per_node, args.resize_cost_s).time_s
+            floors = [oracle_plan(w, g, epochs, args.gpus_per_node, args.resize_cost_s,
+                                  start_replicas=r).time_s / free for r in range(1, g + 1)]
+            print(f"{name} G={g}: " + " ".join(f"{r}:{f:.3f}" for r, f in
+                                                 enumerate(floors, start=1)), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resize-cost-s", type=float, default=30.0)
@@ -51,7 +71,12 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", default=["cifar10", "imagenet", "ncf"])
     ap.add_argument("--what-if-stats", action="store_true",
                     help="add the policy told the statistics at every batch (diagnostic)")
+    ap.add_argument("--start-floors", action="store_true",
+                    help="print the oracle from each first replica count over the oracle")
     args = ap.parse_args()
+    if args.start_floors:
+        _start_floors(args)
+        return
     print(f"resize cost {args.resize_cost_s:g} s, {args.gpus_per_node} GPUs per node")
     print("| workload | G | adaptive / oracle | adaptive / best fixed | fixed-init / adaptive "
           "| resizes (adaptive, oracle) | best fixed (replicas x batch) | oracle from one node / "
