@@ -410,8 +410,10 @@ def test_end_to_end_controller_scales_a_statefulset_of_real_agents(tmp_path):
             assert agents["lsq-0"].wait(timeout=120) == 0
             # The job is done: its StatefulSet goes to 0 replicas after the scale-down delay
             # (it would restart the finished pods forever).
+            # (and, as above, for the kubelet hook's record of the deleted pod)
             wait_for(lambda: double.replicas("statefulsets", NS, "lsq") == 0
-                     and not double.phases(NS), 30, "the finished job's StatefulSet at 0")
+                     and not double.phases(NS) and len(deleted) == 2, 30,
+                     "the finished job's StatefulSet at 0 and pod lsq-0 deleted")
             assert scale_patches(double, STS_SCALE % "lsq")[-1] == (MERGE,
                                                                     {"spec": {"replicas": 0}})
             assert [p for p, _ in deleted] == ["lsq-1", "lsq-0"], deleted
