@@ -5,6 +5,10 @@ G in {4, 16}. Ratios from one run, side by side.
     python benchmarks/simulate_pollux.py [--resize-cost-s 30] [--gpus 4 16] [--what-if-stats]
     python benchmarks/simulate_pollux.py --start-floors
 
+``--scale-noise X`` / ``--scale-sync Y`` play each trace with its noise scale times X and
+its measured sync times times Y (``Workload.scaled``): workloads the policy was not written
+against, for the same table.
+
 ``--start-floors`` prints, instead, the oracle held to each possible first replica count R
 (its hindsight, but starting at R) over the free oracle: the floor of any policy that starts
 at R. A policy must choose its start before it has measured anything, so the start it can
@@ -49,11 +53,17 @@ def _told_stats_time(w, gpus, epochs, gpus_per_node, resize_cost_s) -> float:
                              policy=policy).time_s
 
 
+def _workload(name: str, args):
+    w = load_workload(bundled_trace_dir(name))
+    return w if (args.scale_noise, args.scale_sync) == (1.0, 1.0) else w.scaled(
+        args.scale_noise, args.scale_sync)
+
+
 def _start_floors(args) -> None:
     print(f"resize cost {args.resize_cost_s:g} s, {args.gpus_per_node} GPUs per node: "
           f"oracle from a first replica count R / oracle")
     for name in args.workloads:
-        w = load_workload(bundled_trace_dir(name))
+        w = _workload(name, args)
         epochs = DEFAULT_EPOCHS[name]
         for g in args.gpus:
             free = oracle_plan(w, g, epochs, args.gpus_per_node, args.resize_cost_s).time_s
@@ -71,20 +81,26 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", default=["cifar10", "imagenet", "ncf"])
     ap.add_argument("--what-if-stats", action="store_true",
                     help="add the policy told the statistics at every batch (diagnostic)")
+    ap.add_argument("--scale-noise", type=float, default=1.0,
+                    help="multiply every trace's noise scale (what-if; 1 = as measured)")
+    ap.add_argument("--scale-sync", type=float, default=1.0,
+                    help="multiply every measured sync time (what-if; 1 = as measured)")
     ap.add_argument("--start-floors", action="store_true",
                     help="print the oracle from each first replica count over the oracle")
     args = ap.parse_args()
     if args.start_floors:
         _start_floors(args)
         return
-    print(f"resize cost {args.resize_cost_s:g} s, {args.gpus_per_node} GPUs per node")
+    print(f"resize cost {args.resize_cost_s:g} s, {args.gpus_per_node} GPUs per node"
+          + (f", noise scale x{args.scale_noise:g}, sync x{args.scale_sync:g}"
+             if (args.scale_noise, args.scale_sync) != (1.0, 1.0) else ""))
     print("| workload | G | adaptive / oracle | adaptive / best fixed | fixed-init / adaptive "
           "| resizes (adaptive, oracle) | best fixed (replicas x batch) | oracle from one node / "
           "oracle | adaptive time | sim wall |"
           + (" told the statistics at every batch / oracle |" if args.what_if_stats else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.what_if_stats else ""))
     for name in args.workloads:
-        w = load_workload(bundled_trace_dir(name))
+        w = _workload(name, args)
         epochs = DEFAULT_EPOCHS[name]
         for g in args.gpus:
             t0 = time.perf_counter()

@@ -148,3 +148,20 @@ def test_bad_trace_folders(tmp_path):
     (tmp_path / "placements.csv").write_text("placement,local_bsz,step\n1,32,0.1\n")
     with pytest.raises(TraceError, match="expected exactly"):
         load_workload(tmp_path)
+
+
+def test_a_scaled_workload_changes_only_what_it_names():
+    w = load_workload(CIFAR)
+    s = w.scaled(noise=4.0, sync=2.0)
+    np.testing.assert_allclose(s.grad_var, 4.0 * w.grad_var)
+    np.testing.assert_array_equal(s.grad_sqr, w.grad_sqr)
+    for replicas in (1, 4, 8, 16):
+        step, sync = w.step_time(replicas, 64)
+        step2, sync2 = s.step_time(replicas, 64)
+        assert sync2 == pytest.approx(2 * sync)
+        assert step2 - sync2 == pytest.approx(step - sync)       # compute unchanged
+    same = w.scaled()
+    assert same.step_time(8, 64) == w.step_time(8, 64)
+    np.testing.assert_array_equal(same.grad_var, w.grad_var)
+    with pytest.raises(TraceError, match="positive"):
+        w.scaled(noise=0.0)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -161,6 +161,22 @@ class Workload:
 
         return _Curve(a, mix(c_lo.step_time_s, c_hi.step_time_s, c_lo.local_batch, c_hi.local_batch),
                       mix(c_lo.sync_time_s, c_hi.sync_time_s, c_lo.local_batch, c_hi.local_batch))
+
+    def scaled(self, noise: float = 1.0, sync: float = 1.0) -> "Workload":
+        """The same workload with its noise scale (grad_var) times ``noise`` and every
+        measured sync time times ``sync`` (compute unchanged): a what-if for a model that
+        tolerates bigger batches, or a faster or slower network."""
+        if not (noise > 0 and sync > 0 and np.isfinite(noise) and np.isfinite(sync)):
+            raise TraceError(f"scale factors must be positive numbers, got noise {noise}, "
+                             f"sync {sync}")
+
+        def curve(c: _Curve) -> _Curve:
+            return _Curve(c.local_batch, c.step_time_s + (sync - 1.0) * c.sync_time_s,
+                          sync * c.sync_time_s)
+
+        return replace(self, grad_var=self.grad_var * noise,
+                       placements={k: curve(c) for k, c in self.placements.items()},
+                       by_shape={k: curve(c) for k, c in self.by_shape.items()})
 
     def local_batch_range(self, replicas: int, gpus_per_node: int) -> tuple[float, float]:
         c = self.curve(replicas, gpus_per_node)
