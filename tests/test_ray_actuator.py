@@ -70,7 +70,7 @@ def ray_address(tmp_path_factory):
            # What the agents and workers need (harness.base_env): Ray passes this process's
            # environment to its workers, hence to the actors' agents.
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ADAPTRUN_TIMEOUT_S": "60",
-           marker: "1"}
+           "TMPDIR": harness.SCRATCH, marker: "1"}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)

@@ -6,16 +6,23 @@ Only 127.0.0.1 is used.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "workers" / "lsq_worker.py"
+# TMPDIR of the processes the tests start: torchrun's log folders and the work folder of an
+# agent killed with -9 land here, not in /tmp, and go when the test session ends.
+SCRATCH = tempfile.mkdtemp(prefix="adaptrun-tests-")
+atexit.register(shutil.rmtree, SCRATCH, True)
 
 
 def free_port() -> int:
@@ -33,6 +40,7 @@ def base_env(**extra) -> dict:
         env.pop(k, None)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    env["TMPDIR"] = SCRATCH
     env.setdefault("ADAPTRUN_TIMEOUT_S", "60")
     env.update({k: str(v) for k, v in extra.items()})
     return env
