@@ -69,10 +69,10 @@ to two nodes, measured them 1 % behind one node at the noise scale of the moment
 and came again 7 epochs later (3 resizes, 1.156 of the oracle; now 1 resize, 1.062). A move
 of replica count that the next decisions reverse (tried, measured worse than predicted, moved
 back) bars the count it went to for ``holdoff_runs`` decisions, doubling with every further
-reversal (``_Moves``). The batch
-follows the median noise scale of the last ``stats_window`` (3) reports that measured one,
-not the last alone: one estimate far off (a live digits run reported 12,529 between ~600 and
-~1,000) would move the batch (and with it AdaScale's LR) there and back. A lasting change
+reversal (``_Moves``). The batch follows the median noise scale of the last ``stats_window``
+(3) reports that measured one, not the last alone: one estimate far off (a live digits run
+reported 12,529 between ~600 and ~1,000) would move the batch (and with it AdaScale's LR)
+there and back. A lasting change
 moves it one report later (cifar10 at 16 GPUs: 1.076 -> 1.081 of the oracle; imagenet at 16:
 1.023 -> 1.021). A batch-only move that undoes the last one (the other direction) within
 ``holdoff_runs`` decisions needs ``batch_reversal_gain`` (5 %) instead of ``batch_min_gain``:
