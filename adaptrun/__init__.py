@@ -44,6 +44,7 @@ _LAZY: dict[str, str] = {
     "BatchConfigError": "worker.errors",
     "SnapshotMismatchError": "worker.errors",
     "SnapshotCorruptError": "worker.errors",
+    "DeviceConfigError": "worker.errors",
 }
 
 # former flat module name -> its subpackage

@@ -489,6 +489,19 @@ def _nnodes(value: str) -> tuple[int, int]:
     return lo_i, hi_i
 
 
+def _nproc_per_node(ctx, param, value):
+    """``--nproc-per-node``: a number, or "gpu", resolved to the visible GPUs when the agent
+    starts (``adaptrun.agents.workers.resolve_nproc``)."""
+    from adaptrun.agents.workers import resolve_nproc
+
+    if str(value).strip().lower() == "gpu":
+        return "gpu"
+    try:
+        return resolve_nproc(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _batch_caps(command):
     """The optional batch caps of `run` and `agent`: the script declares its own limits (its
     reports carry them); a flag can only tighten them."""
@@ -512,8 +525,10 @@ def _batch_caps(command):
 @click.option("--controller", "target", default=None,
               help="The controller, HOST:PORT (none: elastic, not adaptive).")
 @click.option("--job", "job_id", required=True, help="The job id (the same on every node).")
-@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes on this node.")
+@click.option("--nproc-per-node", default="1", show_default=True, metavar="N|gpu",
+              callback=_nproc_per_node,
+              help="Worker processes on this node: N, or 'gpu' for one per visible GPU "
+                   "(worker LOCAL_RANK i trains on the i-th GPU of CUDA_VISIBLE_DEVICES).")
 @click.option("--nnodes", default="1", show_default=True,
               help="Nodes the first round admits: N or MIN:MAX (later rounds: the controller).")
 @click.option("--rdzv-endpoint", default=None,
@@ -584,9 +599,11 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
     from adaptrun.agents.agent import Agent, AgentConfig, AgentError
     from adaptrun.agents.controller_client import JobBoundsSpec
     from adaptrun.agents.rendezvous import RendezvousConf
+    from adaptrun.agents.workers import resolve_nproc
 
     try:
         conf = RendezvousConf.parse(rdzv_conf)
+        nproc_per_node = resolve_nproc(nproc_per_node)
     except ValueError as exc:
         raise UsageProblem(str(exc)) from None
     bounds = JobBoundsSpec(min_workers=min_workers or lo * nproc_per_node,

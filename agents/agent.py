@@ -72,11 +72,12 @@ from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError,
 from adaptrun.worker.directive import (PLANNED_EXIT_CODE, STATUS_KEY, Directive, read_directive,
                                        write_directive)
 from adaptrun.science.report import Report
+from adaptrun.worker.errors import DeviceConfigError
 
 from .controller_client import ClientCredentials, ControllerClient, JobBoundsSpec
 from .job_store import STORE_ERRORS, JobStore
 from .rendezvous import RendezvousConf, RoundSpec, end_round, fast_polling, join_round
-from .workers import Outcome, WarmWorker, WorkerGroup, WorkerSpec, spawn_spares
+from .workers import Outcome, WarmWorker, WorkerGroup, WorkerSpec, check_gpus, spawn_spares
 
 __all__ = ["AgentConfig", "Agent", "AgentError"]
 
@@ -317,6 +318,10 @@ class Agent:
             raise AgentError("more than one node needs a shared rendezvous store: give "
                              "--controller HOST:PORT (it hosts one for its jobs) or "
                              "--rdzv-endpoint HOST:PORT")
+        try:
+            check_gpus(c.nproc_per_node)       # local rank i trains on the i-th visible GPU
+        except DeviceConfigError as exc:
+            raise AgentError(str(exc)) from None
         self.config = config
         self.node = c.node or f"{socket.gethostname()}-{os.getpid()}"
         self._lock = threading.Lock()

@@ -9,6 +9,11 @@ agent dies (kill -9: no group stop) is killed by the kernel (``adaptrun.init`` a
 so no worker trains on in a world its node left. ``outcome()`` classifies the group once every worker
 exited: all 0 is ``SUCCEEDED``; only 0 and ``PLANNED_EXIT_CODE`` is ``PLANNED`` (saved at an
 agreed step: re-form); anything else is ``FAILED`` (and is known as soon as one worker fails).
+
+GPUs: every worker keeps the agent's ``CUDA_VISIBLE_DEVICES``, so the worker of LOCAL_RANK i
+trains on the i-th visible GPU (``adaptrun.worker.distributed.resolve_device``).
+``resolve_nproc("gpu")`` is one worker per visible GPU, as torchrun's; ``check_gpus`` refuses
+more workers than visible GPUs on a node that has GPUs, unless ``ADAPTRUN_DEVICE=cpu``.
 """
 from __future__ import annotations
 
@@ -23,8 +28,42 @@ import time
 from dataclasses import dataclass
 
 from adaptrun.worker.directive import PLANNED_EXIT_CODE
+from adaptrun.worker.distributed import resolve_device, visible_gpus
+from adaptrun.worker.errors import DeviceConfigError
 
-__all__ = ["Outcome", "WorkerSpec", "WorkerGroup", "WarmWorker", "spawn_spares"]
+__all__ = ["Outcome", "WorkerSpec", "WorkerGroup", "WarmWorker", "spawn_spares",
+           "resolve_nproc", "check_gpus"]
+
+
+def resolve_nproc(value: str | int, gpus: int | None = None) -> int:
+    """Workers per node from ``--nproc-per-node``: a number >= 1, or ``"gpu"``: one per GPU
+    visible here (``gpus``; default: as torch sees them). ValueError otherwise (a
+    DeviceConfigError for "gpu" on a node without GPUs)."""
+    if str(value).strip().lower() == "gpu":
+        gpus = visible_gpus() if gpus is None else int(gpus)
+        if gpus < 1:
+            seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise DeviceConfigError(
+                "--nproc-per-node gpu: this node has no visible GPUs (CUDA_VISIBLE_DEVICES="
+                f"{'unset' if seen is None else repr(seen)}); give a number of workers instead")
+        return gpus
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--nproc-per-node must be a number >= 1 or 'gpu', got {value!r}")
+    return n
+
+
+def check_gpus(nproc: int, gpus: int | None = None) -> None:
+    """DeviceConfigError when the last of ``nproc`` workers would get no GPU of its own: the
+    node has ``gpus`` visible GPUs (default: as torch sees them), fewer than ``nproc``, and
+    the workers would train on them (``ADAPTRUN_DEVICE`` is not ``cpu``)."""
+    try:
+        resolve_device(None, nproc - 1, gpus)
+    except DeviceConfigError as exc:
+        raise DeviceConfigError(f"--nproc-per-node {nproc}: {exc}") from None
 
 
 class Outcome(enum.Enum):

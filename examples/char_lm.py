@@ -125,13 +125,17 @@ def main() -> None:
     p.add_argument("--corpus-kb", type=int, default=200)
     p.add_argument("--context", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=32, help="positions predicted per example")
+    p.add_argument("--device", default=None,
+                   help="where to train: cpu, cuda or cuda:N (default: ADAPTRUN_DEVICE, else "
+                        "the worker's GPU when CUDA is available, else cpu)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    world = adaptrun.init()
+    world = adaptrun.init(device=args.device)
+    device = torch.device(world.device)
     torch.manual_seed(args.seed)
     train, held_out = split_corpus(args.corpus_kb, args.context, args.seq_len)
-    net = WindowMLP(args.context)
+    net = WindowMLP(args.context).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     rule = adaptrun.scaling.SqrtScale(warmup_steps=args.warmup_steps)
     model = adaptrun.AdaptiveDataParallel(net, optimizer, scaling_rule=rule)
@@ -151,6 +155,7 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
     for epoch in adaptrun.remaining_epochs(args.epochs):
         for chars in loader:
+            chars = chars.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_b0(model.step)
             loss = loss_fn(model(chars[:, :-1]), chars[:, args.context:])
@@ -162,7 +167,7 @@ def main() -> None:
     if world.rank == 0:               # the whole held-out text, on rank 0 only
         net.eval()
         with torch.no_grad():
-            bpc = bits_per_char(net, held_out.x, args.context)
+            bpc = bits_per_char(net, held_out.x.to(device), args.context)
         adaptrun.record_metric("val_bpc", bpc)
         print(f"held-out {bpc:.4f} bits/char over {held_out.x.shape[0] * args.seq_len} chars "
               f"after {model.step} steps, progress {model.progress:.0f}, final batch "

@@ -85,13 +85,17 @@ def main() -> None:
                    help="how adaptrun scales the LR with the batch")
     p.add_argument("--ghost-batch", type=int, default=0,
                    help="ghost batch norm over this many examples (0: plain BatchNorm)")
+    p.add_argument("--device", default=None,
+                   help="where to train: cpu, cuda or cuda:N (default: ADAPTRUN_DEVICE, else "
+                        "the worker's GPU when CUDA is available, else cpu)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    world = adaptrun.init()
+    world = adaptrun.init(device=args.device)
+    device = torch.device(world.device)
     torch.manual_seed(args.seed)
     train, held_out = split_digits(args.seed)
-    net = make_net()
+    net = make_net().to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     rule = adaptrun.scaling.rule_by_name(args.lr_rule, args.warmup_steps)
     model = adaptrun.AdaptiveDataParallel(net, optimizer, scaling_rule=rule,
@@ -112,6 +116,7 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
     for epoch in adaptrun.remaining_epochs(args.epochs):
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at_b0(model.step)
             loss = loss_fn(model(x), y)
@@ -123,7 +128,8 @@ def main() -> None:
     if world.rank == 0:               # the whole held-out set, on rank 0 only
         net = model.module.eval()
         with torch.no_grad():
-            accuracy = (net(held_out.x).argmax(1) == held_out.y).float().mean().item()
+            x, y = held_out.x.to(device), held_out.y.to(device)
+            accuracy = (net(x).argmax(1) == y).float().mean().item()
         adaptrun.record_metric("val_acc", accuracy)
         print(f"held-out accuracy {accuracy:.4f} after {model.step} steps, progress "
               f"{model.progress:.0f}, final batch {loader.current_batch_size}, noise scale "

@@ -55,13 +55,17 @@ def main() -> None:
     p.add_argument("--fixed-batch", action="store_true", help="never change the batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result", default="", help="write {'accuracy', ...} here (rank 0)")
+    p.add_argument("--device", default=None,
+                   help="where to train: cpu, cuda or cuda:N (default: ADAPTRUN_DEVICE, else "
+                        "the worker's GPU when CUDA is available, else cpu)")
     args = p.parse_args()
 
-    world = adaptrun.init()
+    world = adaptrun.init(device=args.device)
+    device = torch.device(world.device)
     torch.manual_seed(args.seed)
     train, held_out = Spirals(args.samples, seed=args.seed), Spirals(4000, seed=args.seed + 1)
     model = nn.Sequential(nn.Linear(2, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                          nn.Linear(128, 3))
+                          nn.Linear(128, 3)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     model = adaptrun.AdaptiveDataParallel(
         model, optimizer, scaling_rule=adaptrun.science.scaling.LinearScale(warmup_steps=50))
@@ -73,13 +77,15 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
     for epoch in adaptrun.remaining_epochs(args.epochs):
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             loss = loss_fn(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             model.record_loss(loss)
     with torch.no_grad():
-        accuracy = (model.module(held_out.x).argmax(1) == held_out.y).float().mean().item()
+        x, y = held_out.x.to(device), held_out.y.to(device)
+        accuracy = (model.module(x).argmax(1) == y).float().mean().item()
     if world.rank == 0:
         print(f"held-out accuracy {accuracy:.4f} after {model.step} steps, "
               f"progress {model.progress:.0f}, final batch {loader.current_batch_size}")

@@ -100,8 +100,8 @@ def ray_address(tmp_path_factory):
 @pytest.mark.timeout(60)
 def test_registered_by_name_without_loading_ray():
     code = ("import sys; from adaptrun.controller.actuators import create_actuator;"
-            "a = create_actuator('ray', nproc_per_node='2', num_gpus_per_node='1');"
-            "assert a.num_cpus_per_node == 2.0 and a.num_gpus_per_node == 1.0;"
+            "a = create_actuator('ray', nproc_per_node='2', num_gpus_per_node='2');"
+            "assert a.num_cpus_per_node == 2.0 and a.num_gpus_per_node == 2.0;"
             "a.set_workers('j', 4); assert a.current_workers('j') == 4; a.close();"
             "assert 'ray' not in sys.modules, 'ray loaded without an agent to start'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60,

@@ -3,9 +3,17 @@
 
 Semantics
 - Under a launcher (torchrun or adaptrun's agent: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
-  ``MASTER_PORT`` set) ``form_world()`` joins the job's c10d store and builds a process group over it:
-  gloo on CPU, nccl when CUDA is available (``backend=`` overrides). With no launcher it builds a
-  world of one over an in-process store, so the same script runs alone.
+  ``MASTER_PORT`` set) ``form_world()`` joins the job's c10d store and builds a process group
+  over it. With no launcher it builds a world of one over an in-process store, so the same
+  script runs alone.
+- The device follows the job, not the backend (``resolve_device``): ``device=``, else
+  ``ADAPTRUN_DEVICE``, else ``cuda:<LOCAL_RANK>`` when CUDA is available, else ``cpu``
+  (``"cuda"`` without an index is ``cuda:<LOCAL_RANK>``); LOCAL_RANK i is the i-th visible GPU,
+  and one beyond the visible GPUs is a ``DeviceConfigError``. The group follows the device
+  (``backend_for``): on CUDA ``"cpu:gloo,cuda:nccl"`` bound to the device (``device_id``), so
+  CPU tensors (the state exchange, the per-step agreement) go over gloo and CUDA tensors over
+  NCCL; elsewhere ``"gloo"``. ``backend=`` overrides the group only: ``backend="gloo"`` on a GPU
+  keeps the job on the GPU and sends CUDA tensors over gloo.
 - Stale keys can never be read. torch 2.13's agent lets the workers of every rendezvous round
   share one TCPStore (``TORCHELASTIC_USE_AGENT_STORE=True``) and does not separate their keys, so a
   restarted worker reads the dead world's gloo addresses and hangs. Neither
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import inspect
 import os
 import time
 import uuid
@@ -36,9 +45,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import NotInitializedError
+from .errors import DeviceConfigError, NotInitializedError
 
-__all__ = ["WorldInfo", "form_world", "is_initialized", "world", "job_store", "shutdown"]
+__all__ = ["WorldInfo", "form_world", "resolve_device", "backend_for", "is_initialized", "world",
+           "job_store", "shutdown"]
 
 LEADER_KEY = "adaptrun/pg/leader"
 
@@ -56,7 +66,8 @@ class WorldInfo:
     nodes: int
     restart_count: int
     run_id: str
-    backend: str
+    backend: str            # the process group's backend string
+    device: str             # where this worker's model and batches live: "cpu", "cuda:<i>"
     launched: bool          # False: alone, no launcher
     pg_prefix: str          # the store namespace of this world's process group
     timeout_s: float
@@ -81,6 +92,56 @@ def _connect_store(rank: int, world_size: int, timeout: timedelta):
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return dist.TCPStore(host, port, world_size, False, timeout)
     return dist.TCPStore(host, port, world_size, rank == 0, timeout, multi_tenant=True)
+
+
+def visible_gpus() -> int:
+    """The CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(device: str | None, local_rank: int, gpus: int | None = None) -> str:
+    """The job's device for the worker of ``local_rank`` on a host with ``gpus`` visible GPUs
+    (default: as torch sees them): ``device``, else ``ADAPTRUN_DEVICE``, else
+    ``cuda:<local_rank>`` with a GPU, else ``cpu``. DeviceConfigError when CUDA is asked for
+    and the GPU it names is not visible."""
+    gpus = visible_gpus() if gpus is None else int(gpus)
+    asked = device or os.environ.get("ADAPTRUN_DEVICE") or ("cuda" if gpus else "cpu")
+    try:
+        dev = torch.device(asked)
+    except (RuntimeError, TypeError):
+        raise DeviceConfigError(f"device {asked!r} (device= or ADAPTRUN_DEVICE) is not a torch "
+                                "device: give cpu, cuda or cuda:<index>") from None
+    if dev.type != "cuda":
+        return str(dev)
+    index = local_rank if dev.index is None else dev.index
+    if index >= gpus:
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        fix = (f"start at most one worker per visible GPU (--nproc-per-node {gpus}, or "
+               "--nproc-per-node gpu), make more GPUs visible with CUDA_VISIBLE_DEVICES"
+               if gpus else "make a GPU visible (CUDA_VISIBLE_DEVICES)")
+        raise DeviceConfigError(
+            f"local rank {local_rank} needs GPU cuda:{index}, but this process sees {gpus} "
+            f"GPU(s) (CUDA_VISIBLE_DEVICES={'unset' if seen is None else repr(seen)}): {fix}, "
+            "or set ADAPTRUN_DEVICE=cpu to train on the CPU")
+    return f"cuda:{index}"
+
+
+def backend_for(device: str, override: str | None = None) -> str:
+    """The process group's backend string for a job on ``device``: ``override`` when given,
+    else ``"cpu:gloo,cuda:nccl"`` on CUDA (CPU tensors over gloo, CUDA tensors over NCCL),
+    else ``"gloo"``."""
+    if override:
+        return override
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def _group_kwargs(backend: str, device: str) -> dict:
+    """``device_id`` for a group with NCCL on a CUDA device (where this torch takes it): NCCL
+    binds to the device at once, and barriers use it."""
+    if (torch.device(device).type == "cuda" and "nccl" in backend
+            and "device_id" in inspect.signature(dist.init_process_group).parameters):
+        return {"device_id": torch.device(device)}
+    return {}
 
 
 def _agree_namespace(store, rank: int, world_size: int, timeout: float) -> str:
@@ -122,15 +183,14 @@ def _agree_namespace(store, rank: int, world_size: int, timeout: float) -> str:
 
 
 def form_world(backend: str | None = None, timeout_s_: float | None = None,
-               into: WorldInfo | None = None) -> WorldInfo:
-    """Build this worker's process group (idempotent); return who it is. ``into``: the
+               into: WorldInfo | None = None, device: str | None = None) -> WorldInfo:
+    """Build this worker's process group (idempotent); return who it is. ``device`` and
+    ``backend``: see the module docstring (``resolve_device``, ``backend_for``). ``into``: the
     WorldInfo of this process's previous world, updated in place (an in-process re-form)."""
     global _world, _store
     if _world is not None:
         return _world
     timeout = float(timeout_s_ if timeout_s_ is not None else timeout_s())
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     restart_count = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
     if launched:
@@ -139,23 +199,26 @@ def form_world(backend: str | None = None, timeout_s_: float | None = None,
         local_rank = _env_int("LOCAL_RANK", 0)
         local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
         nodes = _env_int("GROUP_WORLD_SIZE", max(1, world_size // max(local_world_size, 1)))
-        store = _connect_store(rank, world_size, timedelta(seconds=timeout))
     else:
         rank, world_size, local_rank, local_world_size, nodes = 0, 1, 0, 1, 1
-        store = dist.HashStore()
+    device = resolve_device(device, local_rank)     # a bad device fails before the store
+    backend = backend_for(device, backend)
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+    store = (_connect_store(rank, world_size, timedelta(seconds=timeout)) if launched
+             else dist.HashStore())
     prefix = f"{_agree_namespace(store, rank, world_size, timeout)}/"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout))
+                                world_size=world_size, timeout=timedelta(seconds=timeout),
+                                **_group_kwargs(backend, device))
         _destroy_at_exit()
     _store = store
     new = WorldInfo(rank=rank, world_size=world_size, local_rank=local_rank,
                        local_world_size=local_world_size, nodes=max(1, min(nodes, world_size)),
                        restart_count=restart_count,
                        run_id=os.environ.get("TORCHELASTIC_RUN_ID", "local"), backend=backend,
-                       launched=launched, pg_prefix=prefix, timeout_s=timeout)
+                       device=device, launched=launched, pg_prefix=prefix, timeout_s=timeout)
     if into is not None:
         into.__dict__.update(new.__dict__)
         new = into

@@ -13,6 +13,7 @@ __all__ = [
     "SnapshotCorruptError",
     "StateRegistryError",
     "MissingStateError",
+    "DeviceConfigError",
 ]
 
 
@@ -43,3 +44,8 @@ class StateRegistryError(AdaptrunError, ValueError):
 
 class MissingStateError(AdaptrunError):
     """A world would start from nothing while its job has committed steps."""
+
+
+class DeviceConfigError(AdaptrunError, ValueError):
+    """A device this host cannot give the worker: a GPU asked for where none is visible, or
+    more workers on a node than it has visible GPUs."""

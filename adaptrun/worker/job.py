@@ -102,7 +102,8 @@ class Job:
         for d in self._snapshot_targets():      # writes a killed process left unfinished
             checkpoint.clean_temp(d)
         agreed: dict = {}
-        found = exchange_newest(self.world.rank, self.world.world_size, dirs, agreed=agreed)
+        found = exchange_newest(self.world.rank, self.world.world_size, dirs, agreed=agreed,
+                                device=self.world.device)
         # Every rank holds the same state now (or none has any): DDP need not broadcast it.
         self.state_in_sync = agreed.get("step", -1) >= 0
         if found is not None:
@@ -274,11 +275,12 @@ class Job:
             raise SystemExit(code)
         os.environ.update({k: str(v) for k, v in msg["env"].items()})
         t0 = time.perf_counter()
-        distributed.form_world(self.world.backend, self.world.timeout_s, into=self.world)
+        distributed.form_world(self.world.backend, self.world.timeout_s, into=self.world,
+                               device=self.world.device)
         t1 = time.perf_counter()
         exchange_newest(self.world.rank, self.world.world_size, [], memory=(
             self.state.step, lambda: snapshot_of(self.registry, self.state.step,
-                                                 self.state.epoch)))
+                                                 self.state.epoch)), device=self.world.device)
         t2 = time.perf_counter()
         if self.parallel is not None:
             self.parallel._rebuild()
@@ -381,14 +383,16 @@ class AgentChannel:
 _job: Job | None = None
 
 
-def init(backend: str | None = None, timeout_s: float | None = None) -> WorldInfo:
+def init(backend: str | None = None, timeout_s: float | None = None,
+         device: str | None = None) -> WorldInfo:
     """``adaptrun.init()``: form this worker's world (``distributed.form_world``: the launcher's
     environment, or a world of one alone) and restore the job's newest state into it.
-    Idempotent; returns who this worker is."""
+    ``device`` (default ``ADAPTRUN_DEVICE``, else ``cuda:<LOCAL_RANK>`` with a GPU, else
+    ``cpu``) is where the job lives: ``world.device``. Idempotent; returns who this worker is."""
     if distributed.is_initialized() and _job is not None:
         return distributed.world()
     _die_with_agent()
-    world = distributed.form_world(backend, timeout_s)
+    world = distributed.form_world(backend, timeout_s, device=device)
     on_world_formed(world)
     return world
 

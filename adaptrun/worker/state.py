@@ -7,11 +7,16 @@ Semantics
   ``optimizer``, ``lr_scheduler`` (when given), ``adaptrun.worker.parallel`` (step, progress, GNS
   averages, scaling-rule ramp, directive generation), ``adaptrun.worker.sampler`` (epoch, cursor,
   batch configuration), ``adaptrun.worker.epochs`` and ``adaptrun.rng`` (torch/numpy/python RNG of
-  the saving rank).
+  the saving rank, and its CUDA RNG where CUDA is available).
 - ``encode``/``decode`` turn the registry into snapshot bytes and back; a snapshot carries the
   model's fingerprint (parameter names and shapes) and restoring one taken from another model
   raises ``SnapshotMismatchError``. Bytes that do not load (a truncated or overwritten file)
   raise ``SnapshotCorruptError`` from ``decode``.
+- Devices: a snapshot restores onto the job's device (``world.device``), whatever device it
+  was saved from (``map_location``): a tensor saved on a GPU comes to the job's GPU, or to
+  the CPU on a job without one; a tensor saved on the CPU stays there (RNG states must).
+  A state sent from memory travels on the job's device. The other collectives here are on
+  CPU tensors (gloo under the CUDA group ``"cpu:gloo,cuda:nccl"``).
 - ``exchange_newest`` is the restore after a re-form, and the only collective here: every
   rank offers the step of the newest state it holds, in memory (a rank that re-formed in
   process) or in a snapshot it can read (node-local or persistent); the newest wins, memory
@@ -40,7 +45,8 @@ from . import checkpoint
 from .errors import SnapshotCorruptError, SnapshotMismatchError, StateRegistryError
 
 __all__ = ["StateRegistry", "RNGState", "fingerprint", "encode", "encode_snapshot", "save_snapshot",
-           "fill_deferred", "detached_copy", "decode", "exchange_newest", "SNAPSHOT_FORMAT"]
+           "fill_deferred", "detached_copy", "decode", "map_location", "exchange_newest",
+           "SNAPSHOT_FORMAT"]
 
 SNAPSHOT_FORMAT = 1
 
@@ -51,16 +57,24 @@ def fingerprint(module: torch.nn.Module) -> list:
 
 
 class RNGState:
-    """torch, numpy and python RNG states as one registrable object."""
+    """torch, numpy and python RNG states as one registrable object, plus one CUDA RNG state
+    per visible GPU where CUDA is available (``"cuda"``). The CUDA states are restored only
+    where CUDA is available and the GPU counts match; elsewhere they are skipped."""
 
     def state_dict(self) -> dict:
-        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate()}
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                 "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
+        cuda = state.get("cuda")
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def take_module_state(module: torch.nn.Module, state: dict) -> bool:
@@ -252,11 +266,25 @@ def encode(registry: StateRegistry, step: int, epoch: int) -> bytes:
     return encode_snapshot(snapshot_of(registry, step, epoch))
 
 
-def decode(data: bytes, origin: str = "snapshot") -> dict:
-    """The snapshot dict of ``data``; SnapshotCorruptError when the bytes do not load,
+def map_location(device: str | None):
+    """``torch.load``'s ``map_location`` for a job on ``device`` (None: the CPU): what was
+    saved on an accelerator (any GPU index) comes to ``device``, or to the CPU when ``device``
+    is the CPU; what was saved on the CPU stays on the CPU."""
+    target = str(torch.device(device or "cpu"))
+
+    def place(storage, location: str):
+        return torch.serialization.default_restore_location(
+            storage, "cpu" if location == "cpu" else target)
+    return place
+
+
+def decode(data: bytes, origin: str = "snapshot", device: str | None = None) -> dict:
+    """The snapshot dict of ``data``, its tensors placed for a job on ``device``
+    (``map_location``); SnapshotCorruptError when the bytes do not load,
     SnapshotMismatchError when they load but are not a snapshot of this format."""
     try:
-        snap = torch.load(io.BytesIO(data), weights_only=False)
+        snap = torch.load(io.BytesIO(data), weights_only=False,
+                          map_location=map_location(device))
     except Exception as exc:  # noqa: BLE001 - whatever torch/pickle raise on bad bytes
         raise SnapshotCorruptError(
             f"{origin} cannot be read ({type(exc).__name__}: {str(exc)[:120]}): it is "
@@ -336,17 +364,17 @@ def _fill(obj, tensors: list):
     return obj
 
 
-def _send_from_memory(snapshot: dict | None, holder: int, rank: int, group) -> dict:
+def _send_from_memory(snapshot: dict | None, holder: int, rank: int, group,
+                      device: str | None = None) -> dict:
     """Broadcast ``snapshot`` (on ``holder``) to the ranks of ``group``: the structure once,
     then each large tensor from where it lives (no packing copy of the model's state), and
-    the small ones packed per dtype."""
+    the small ones packed per dtype, on the job's ``device`` (None: the CPU)."""
     tensors: list = []
     skeleton = [_strip(snapshot, tensors, slots := []) if rank == holder else None]
     dist.broadcast_object_list(skeleton, src=holder, group=group)
     if rank != holder:
         slots = _slots_of(skeleton[0], [])
-    dev = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-           else torch.device("cpu"))
+    dev = torch.device(device or "cpu")
     received: list = [None] * len(slots)
     small: dict = {}
     for slot in slots:
@@ -373,18 +401,20 @@ def _send_from_memory(snapshot: dict | None, holder: int, rank: int, group) -> d
 
 
 def exchange_newest(rank: int, world_size: int, dirs: list[Path | None],
-                    memory=None, agreed: dict | None = None) -> tuple[dict, str] | None:
+                    memory=None, agreed: dict | None = None,
+                    device: str | None = None) -> tuple[dict, str] | None:
     """Collective: find the newest state any rank holds and give it to the ranks that need it.
 
     ``memory``: (step, callable returning the snapshot dict) of a rank that holds the job's
-    state in memory. Returns (snapshot, origin) to a rank that needed the state; None to a
-    rank that holds it already, or when no rank holds any state. ``agreed["step"]`` gets the
-    step every rank now holds (-1: none), the same on every rank."""
+    state in memory. Returns (snapshot, origin) to a rank that needed the state, placed for
+    the job's ``device`` (None: the CPU); None to a rank that holds it already, or when no
+    rank holds any state. ``agreed["step"]`` gets the step every rank now holds (-1: none),
+    the same on every rank."""
     on_disk = sorted((found for d in dirs if d is not None for found in checkpoint.list_all(d)),
                      reverse=True)                  # newest first
     skipped: list[str] = []                          # unreadable files passed over
     while True:
-        found = _exchange(rank, world_size, on_disk, memory, skipped, agreed)
+        found = _exchange(rank, world_size, on_disk, memory, skipped, agreed, device)
         if found is not _AGAIN:
             return found
 
@@ -393,7 +423,7 @@ _AGAIN = object()
 
 
 def _exchange(rank: int, world_size: int, on_disk: list, memory, skipped: list,
-              agreed: dict | None):
+              agreed: dict | None, device: str | None):
     """One round of ``exchange_newest``; ``_AGAIN`` when the chosen file did not load (its
     holder dropped it from ``on_disk``: every rank runs another round)."""
     best = on_disk[0] if on_disk else None
@@ -431,15 +461,15 @@ def _exchange(rank: int, world_size: int, on_disk: list, memory, skipped: list,
         group = None if len(ranks) == world_size else dist.new_group(ranks=ranks)
         if rank not in needers:
             if rank == holder:
-                _send_from_memory(memory[1](), holder, rank, group)
+                _send_from_memory(memory[1](), holder, rank, group, device)
             return None               # this rank holds the newest state already
-        return _send_from_memory(None, holder, rank, group), origin
+        return _send_from_memory(None, holder, rank, group, device), origin
     snap = None
     if rank == holder:
         data = checkpoint.read(best[1])
         origin = str(best[1])
         try:
-            snap = decode(data, origin)
+            snap = decode(data, origin, device)
             size = torch.tensor([len(data)], dtype=torch.int64)
         except SnapshotCorruptError as exc:
             print(f"adaptrun: {exc}; renamed it to {best[1].name}.corrupt and restoring the "
@@ -460,4 +490,4 @@ def _exchange(rank: int, world_size: int, on_disk: list, memory, skipped: list,
                    else torch.empty(int(size.item()), dtype=torch.uint8))
         dist.broadcast(payload, src=holder)
         data = payload.numpy().tobytes()
-    return (snap if snap is not None else decode(data, origin)), origin
+    return (snap if snap is not None else decode(data, origin, device)), origin

@@ -2,7 +2,9 @@
 
 The model is the local actuator's, with a Ray actor where that one has a process: one actor
 per node of a job, holding the node's resources (``num_cpus_per_node``, ``num_gpus_per_node``;
-Ray places it, spreading the agents over the cluster's nodes where it can), runs one
+Ray places it, spreading the agents over the cluster's nodes where it can; an actor that holds
+GPUs holds at least one per worker, since its agent's local rank i trains on the i-th GPU Ray
+makes visible to it), runs one
 ``adaptrun agent`` as a child process (``agent_command(job_id, node)``, or a list whose items
 may hold ``{job}`` and ``{node}``, as for ``LocalActuator``). The agent runs in its own
 process group, keeps its own signal handling and writes its output to
@@ -104,6 +106,12 @@ class RayActuator(CountingActuator):
         self.num_cpus_per_node = float(num_cpus_per_node if num_cpus_per_node is not None
                                        else self.nproc_per_node)
         self.num_gpus_per_node = float(num_gpus_per_node or 0)
+        if 0 < self.num_gpus_per_node and math.ceil(self.num_gpus_per_node) < self.nproc_per_node:
+            raise ActuatorError(
+                f"num_gpus_per_node {self.num_gpus_per_node:g} is fewer GPUs than the "
+                f"{self.nproc_per_node} workers per node: each worker trains on its own GPU, so "
+                f"ask for num_gpus_per_node {self.nproc_per_node} (--ray-gpus-per-node), fewer "
+                "workers per node, or 0 GPUs for workers on the CPU")
         self.address = address or None
         self.local_num_cpus = int(local_num_cpus) if local_num_cpus else None
         self._temp_dir = str(Path(temp_dir).resolve()) if temp_dir else None
