@@ -1,8 +1,9 @@
 """Model quality of adaptive batch training next to fixed batches, on the real examples.
 
-For ``examples/digits_cnn.py`` (SGD, linear rule, held-out accuracy: higher is better) and
-``examples/char_lm.py`` (Adam, square-root rule, held-out bits per char: lower is better),
-three settings, each over ``--seeds`` seeds, the same epochs:
+For ``examples/digits_cnn.py`` (SGD, AdaScale, held-out accuracy: higher is better),
+``examples/char_lm.py`` (Adam, square-root rule, held-out bits per char: lower is better) and
+``examples/transformer_lm.py`` (AdamW, square-root rule, a warmup-cosine schedule run on
+examples; bits per char), three settings, each over ``--seeds`` seeds, the same epochs:
 
     fixed_b0     the fixed initial batch B0 (--max-batch 0)
     fixed_large  a fixed batch --large-factor x B0, the LR scaled from B0 by the example's
@@ -40,6 +41,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = {
     "digits": {"script": "digits_cnn.py", "b0": 32, "better": "higher"},
     "char": {"script": "char_lm.py", "b0": 32, "better": "lower"},
+    "transformer": {"script": "transformer_lm.py", "b0": 32, "better": "lower"},
 }
 SETTINGS = ("fixed_b0", "fixed_large", "adaptive")
 

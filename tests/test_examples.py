@@ -82,3 +82,29 @@ def test_linear_regression_truth_matches_monte_carlo():
         assert float((mean - d).norm() / d.norm()) < 0.05
         empirical = float(trace_sigma / d.pow(2).sum())
         assert module.true_noise_scale(d, sigma) == pytest.approx(empirical, rel=0.02)
+
+
+def _run_lm(*flags: str, timeout_s: float = 40) -> dict[str, float]:
+    """Run examples/transformer_lm.py alone; return val_bpc, steps and final_lr_frac."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "transformer_lm.py"), *flags],
+                          capture_output=True, text=True, timeout=timeout_s,
+                          env=harness.base_env(), cwd=str(harness.REPO))
+    assert proc.returncode == 0, f"exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "overridden" not in proc.stderr, proc.stderr     # torch sees step() intact
+    out = {}
+    for line in proc.stdout.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[:2] == ["final", "val_bpc"]:
+            out["val_bpc"] = float(words[2])
+        elif len(words) == 2 and words[0] in ("steps", "final_lr_frac"):
+            out[words[0]] = float(words[1])
+    assert out.keys() == {"val_bpc", "steps", "final_lr_frac"}, proc.stdout
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_transformer_lm_learns_and_its_progress_schedule_decays_to_its_end():
+    r = _run_lm("--epochs", "2", "--corpus-kb", "60", "--warmup-steps", "10")
+    assert r["val_bpc"] < 4.5, r                  # uniform is log2(96) = 6.6 bits
+    assert abs(r["final_lr_frac"] - 0.1) < 0.02, r
+    assert r["steps"] == 2 * math.ceil(863 / 32)  # 863 training windows of 65 chars

@@ -38,9 +38,17 @@ def test_small_noise_scale_keeps_small_batch_and_large_grows_it():
     p.observe(report(cur, grad_sqr=1.0, grad_var=1000.0))
     d = p.decide()
     assert d.changes_batch and not d.changes_replicas
-    assert d.config.global_batch > 1024
     assert d.goodput_chosen > d.goodput_current
     assert "batch 128 ->" in d.reason
+    # A warmup that follows the signal: at most batch_growth_max (4x) per decision, and the
+    # batch keeps growing at every decision while the noise scale asks for more.
+    batches = [128]
+    for _ in range(5):
+        assert d.config.global_batch <= 4 * batches[-1]
+        batches.append(d.config.global_batch)
+        p.observe(report(d.config, grad_sqr=1.0, grad_var=1000.0))
+        d = p.decide()
+    assert batches[-1] > 1024, batches
 
 
 def test_one_far_off_noise_estimate_does_not_move_the_batch_and_a_lasting_change_does():
@@ -112,8 +120,7 @@ def test_resize_taken_only_when_it_pays_for_itself():
     d = long_run.decide()
     # Free before paid: the much better batch at 4 replicas is tried (and measured) first.
     assert d.changes_batch and not d.changes_replicas, d.reason
-    long_run.observe(report(d.config, grad_sqr=1.0, grad_var=1000.0, target=1e7))
-    d = long_run.decide()
+    d = _batch_moves_then(long_run, d, grad_var=1000.0, target=1e7)
     assert d.changes_replicas and d.config.replicas > 4 and "resize" in d.reason
     short_run = Policy(BOUNDS, resize_cost_s=30.0)
     short_run.observe(report(cur, grad_sqr=1.0, grad_var=1000.0, progress=999.0, target=1000.0))
@@ -249,9 +256,21 @@ def test_an_untried_better_batch_comes_before_a_resize():
     p.observe(report(cur, grad_sqr=1.0, grad_var=1000.0, target=1e7))
     d = p.decide()
     assert d.changes_batch and not d.changes_replicas, d.reason
-    # Measured there, the same better batch no longer holds a resize back.
-    p.observe(report(d.config, grad_sqr=1.0, grad_var=1000.0, target=1e7))
-    assert p.decide().changes_replicas
+    # Measured there (the batch grows by at most 4x a decision, each batch measured before
+    # the next), the better batches no longer hold a resize back.
+    assert _batch_moves_then(p, d, grad_var=1000.0, target=1e7).changes_replicas
+
+
+def _batch_moves_then(p: Policy, d: Decision, **stats) -> Decision:
+    """Apply ``d`` and the batch-only moves that follow it (each measured once), at most 8;
+    the first decision that is not a batch-only move."""
+    for _ in range(8):
+        if d.changes_replicas or not d.changes_batch:
+            return d
+        assert d.config.global_batch <= 4 * d.current.global_batch, d.reason
+        p.observe(report(d.config, grad_sqr=1.0, **stats))
+        d = p.decide()
+    return d
 
 
 def dataclasses_replace(r, **kw):
@@ -309,3 +328,86 @@ def test_moving_back_to_fewer_workers_must_pay_in_the_worse_of_the_two_futures()
     measured(q, two_nodes, slower=30.0)
     d = q.decide()
     assert d.config.replicas == 4 and d.reason.startswith("back to"), d.reason
+
+
+def _curve_loss(examples: float) -> float:
+    return 5.0 - 0.4 * math.log(examples)
+
+
+def _run_to_a_batch_move(p: Policy, cfg: Config, **stats):
+    """Eight reports at ``cfg`` whose loss falls along a log curve of the examples, then the
+    decision; returns (decision, step, examples)."""
+    step, examples = 0, 0.0
+    for _ in range(8):
+        step += 10
+        examples += 10 * cfg.global_batch
+        p.observe(dataclasses_replace(report(cfg, **stats), step=step,
+                                      loss=_curve_loss(examples)))
+    return p.decide(), step, examples
+
+
+@pytest.mark.parametrize("realized", ["flat", "as_predicted"])
+def test_a_batch_move_that_realizes_less_progress_than_predicted_is_backed_off(realized):
+    """After a batch increase the policy compares the loss reported per example with what the
+    predicted efficiency promised (the curve before the move, examples there worth E(new) /
+    E(old) each): a move that falls short is reverted and the batch held below it; one that
+    delivers is kept and the batch grows on."""
+    stats = {"grad_sqr": 1.0, "grad_var": 1000.0, "target": 1e7}     # B_noise 128,000
+    p = Policy(BOUNDS, resize_cost_s=1e9)                           # batch-only decisions
+    cur = Config(4, 32, 0)
+    d, step, examples = _run_to_a_batch_move(p, cur, **stats)
+    assert d.changes_batch and 128 < d.config.global_batch <= 4 * 128, d.reason
+    moved = d.config
+    last = _curve_loss(examples)
+    for i in range(p.check_reports):
+        step += 10
+        examples += 10 * moved.global_batch
+        loss = last if realized == "flat" else _curve_loss(examples)
+        p.observe(dataclasses_replace(report(moved, **stats), step=step, loss=loss))
+        d = p.decide()
+        if i < p.check_reports - 1:      # held where it is while the move is checked
+            assert d.config.global_batch == moved.global_batch, d.reason
+    if realized == "flat":
+        assert "back off" in d.reason and f"batch 128 -> {moved.global_batch}" in d.reason
+        assert d.config.global_batch <= 128, d.reason
+        # Held below the backed-off batch for the next decisions.
+        p.observe(dataclasses_replace(report(d.config, **stats), step=step + 10, loss=last))
+        assert p.decide().config.global_batch <= 128
+    else:
+        assert "back off" not in d.reason
+        assert d.config.global_batch > moved.global_batch, d.reason
+
+
+def test_wild_early_estimates_never_move_the_batch_more_than_the_bounded_factor():
+    """Noise scales of millions in the first reports (as Adam's preconditioned estimate gave
+    a char model) move the batch by at most batch_growth_max per decision, never to the cap."""
+    p = Policy(BOUNDS, resize_cost_s=1e9)
+    cfg = Config(4, 32, 0)
+    for var in (1e5, 3e4, 2e5, 1e5):                  # B_noise 4-25 million examples
+        p.observe(report(cfg, grad_sqr=1.0, grad_var=var, target=1e7))
+        d = p.decide()
+        assert d.config.global_batch <= p.batch_growth_max * cfg.global_batch, d.reason
+        cfg = d.config
+    assert cfg.global_batch < BOUNDS.max_batch
+
+
+def test_a_script_that_reports_no_loss_runs_on_the_conservative_policy_and_is_told_so():
+    p = Policy(BOUNDS, resize_cost_s=1e9)
+    cfg = Config(4, 32, 0)
+    p.observe(report(cfg, grad_sqr=1.0, grad_var=1000.0, target=1e7))    # loss NaN
+    d = p.decide()
+    assert "no loss reported: batch moves are bounded, not checked" in d.reason
+    assert d.changes_batch and d.config.global_batch <= 4 * 128
+
+
+def test_the_progress_check_reads_a_realized_ratio_off_the_loss_curve():
+    from adaptrun.science.progress_check import BatchMove, fit_log_curve, realized_ratio
+    before = [(x, _curve_loss(x)) for x in (1e3, 2e3, 4e3, 8e3)]
+    a, b = fit_log_curve(before)
+    assert b == pytest.approx(-0.4) and a == pytest.approx(5.0)
+    assert fit_log_curve([(x, 1.5) for x in (1e3, 2e3, 4e3)]) is None    # flat: nothing to check
+    move = BatchMove(8e3, 128, 512, 0.9, a, b)
+    # After the move each example is worth half an example before it.
+    after = [(8e3 + dx, _curve_loss(8e3 + 0.5 * dx)) for dx in (2e3, 4e3, 8e3)]
+    assert realized_ratio(move, after) == pytest.approx(0.5, rel=0.02)
+    assert math.isnan(realized_ratio(move, after[:1]))

@@ -79,6 +79,19 @@ moves it one report later (cifar10 at 16 GPUs: 1.076 -> 1.081 of the oracle; ima
 estimates some 50 % apart in turn moved a live batch 328 -> 244 -> 328 for 2 % each time (no
 row of the simulated workloads changed).
 
+Act on what is known. The statistics a report carries are the conservative end of the
+worker's estimate (``gns.GNSState.conservative``), so a noise scale the estimates do not yet
+agree on reads small. The batch grows by at most ``batch_growth_max`` (4x) per decision, a
+warmup that follows the signal rather than a jump to the cap. Every batch increase is then
+checked against the loss the job reports (``progress_check``): the curve of loss over
+examples before the move, and the efficiency ratio E(new) / E(old) the statistics predicted,
+say where the loss should be after it. While ``check_reports`` (6) reports come in, the
+batch does not grow further; when the progress per example realized falls short of
+``check_shortfall`` (half) of the predicted, the batch backs off below the move and is
+capped there for ``holdoff_runs`` decisions (doubling with each back-off), and the decision
+line says so. A job that reports no loss keeps the conservative statistics and the bounded
+growth, unchecked; its decision lines say that too.
+
 The policy reads only what a live job reports: measured step and sync times of
 configurations it has run, and the gradient statistics at its current batch. It never sees
 the future. It is a plain object with no I/O; the controller and the simulator drive it. What it learned
@@ -92,7 +105,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from .efficiency import gain
+from .efficiency import efficiency, gain
+from .progress_check import BatchMove, fit_log_curve, realized_ratio
 from .report import Report
 from .throughput import ThroughputParams, ThroughputSample, fit, step_time
 
@@ -272,6 +286,9 @@ def _median_noise(stats: list) -> tuple[float, float]:
     return ranked[(len(ranked) - 1) // 2]
 
 
+_CURVE_POINTS = 32        # loss points the policy keeps to check its batch moves
+
+
 def _local_batch_grid(lo: int, hi: int, points: int) -> np.ndarray:
     grid = np.unique(np.round(np.geomspace(lo, hi, points)).astype(int))
     return grid[(grid >= lo) & (grid <= hi)]
@@ -295,6 +312,13 @@ class _Moves:
     flaps: dict = field(default_factory=dict)       # replicas -> reversals counted against it
     barred_until: dict = field(default_factory=dict)
     batch_last: tuple[int, int] | None = None      # (run, +1 up / -1 down)
+    batch_cap: int = 0                              # a backed-off batch's ceiling (0: none)
+    batch_cap_until: int = -1
+    backoffs: int = 0
+
+    def cap(self) -> int:
+        """The batch ceiling in force after a back-off (0: none)."""
+        return self.batch_cap if self.batch_cap_until > self.runs else 0
 
     def reverses_batch(self, direction: int, holdoff_runs: int) -> bool:
         b = self.batch_last
@@ -326,9 +350,15 @@ class Policy:
     grid_points: int = 48
     holdoff_runs: int = 10
     stats_window: int = 3
+    batch_growth_max: float = 4.0
+    check_reports: int = 6
+    check_shortfall: float = 0.5
     _measured: dict = field(default_factory=dict, repr=False)
     _moves: _Moves = field(default_factory=_Moves, repr=False)
     _recent: list = field(default_factory=list, repr=False)  # the last stats_window measured
+    _curve: list = field(default_factory=list, repr=False)   # (examples, loss, global batch)
+    _examples: float = field(default=0.0, repr=False)        # examples trained so far
+    _check: BatchMove | None = field(default=None, repr=False)  # a batch move being checked
     _params: ThroughputParams | None = field(default=None, repr=False)
     _dirty: bool = field(default=True, repr=False)
     last_report: Report | None = field(default=None, repr=False)
@@ -351,10 +381,58 @@ class Policy:
         # changes little between, and the controller and simulator call this often.
         if m.count & (m.count - 1) == 0:
             self._dirty = True
+        prev = self.last_report
+        if prev is not None and report.step > prev.step:
+            self._examples += (report.step - prev.step) * prev.global_batch
+        if math.isfinite(report.loss):
+            self._curve = [*self._curve, (self._examples, report.loss, report.global_batch)][
+                -_CURVE_POINTS:]
+        if prev is not None and report.global_batch != prev.global_batch:
+            self._check = self._start_check(prev, report)
         if report.grad_sqr > 0 and math.isfinite(report.noise_scale):
             self._recent = [*self._recent, (report.grad_sqr, report.grad_var)][
                 -max(1, self.stats_window):]
         self.last_report = report
+
+    def _start_check(self, prev: Report, report: Report) -> BatchMove | None:
+        """A batch increase just applied: the curve before it and what it was predicted to
+        do, to be checked once ``check_reports`` reports came after it (None: nothing to
+        check, as after a decrease, or without a falling loss before it)."""
+        old, new = prev.global_batch, report.global_batch
+        if new <= old or self._stats is None:
+            return None
+        fit = fit_log_curve([(x, loss) for x, loss, b in self._curve[:-1] if b == old][-8:])
+        if fit is None:
+            return None
+        sqr, var = self._stats
+        b0 = self.bounds.init_batch
+        predicted = float(efficiency(sqr, var, new / b0) / efficiency(sqr, var, old / b0))
+        x0 = self._examples - (report.step - prev.step) * old
+        return BatchMove(x0, old, new, predicted, fit[0], fit[1])
+
+    def _checked_move(self) -> str:
+        """Judge the batch move being checked once enough reports came after it: when the
+        progress per example it realized falls short of ``check_shortfall`` of the predicted,
+        cap the batch below it (``holdoff_runs`` decisions, doubling with every back-off)
+        and return the reason; "" otherwise."""
+        mv = self._check
+        if mv is None:
+            return ""
+        after = [(x, loss) for x, loss, b in self._curve if x > mv.examples and b == mv.new_batch]
+        if len(after) < self.check_reports:
+            return ""
+        self._check = None
+        rho = realized_ratio(mv, after)
+        if not rho < self.check_shortfall * mv.predicted:
+            return ""
+        m = self._moves
+        m.backoffs += 1
+        m.batch_cap = mv.old_batch
+        m.batch_cap_until = m.runs + self.holdoff_runs * 2 ** (m.backoffs - 1)
+        return (f"back off: batch {mv.old_batch} -> {mv.new_batch} realized {rho:.2f} of the "
+                f"progress per example at {mv.old_batch} (the noise scale predicted "
+                f"{mv.predicted:.2f}); batch at most {mv.old_batch} for "
+                f"{m.batch_cap_until - m.runs} decisions")
 
     def with_bounds(self, bounds: JobBounds) -> "Policy":
         """The same policy, with what it learned, under new bounds (``adaptrun scale``)."""
@@ -364,6 +442,7 @@ class Policy:
         p._dirty = self._dirty
         p._moves = self._moves
         p._recent = self._recent
+        p._curve, p._examples, p._check = self._curve, self._examples, self._check
         return p
 
     # -- what it learned, as plain data -----------------------------------------------------
@@ -389,7 +468,13 @@ class Policy:
             "moves": {"runs": m.runs, "last": None if m.last is None else list(m.last),
                       "flaps": [[r, n] for r, n in m.flaps.items()],
                       "barred_until": [[r, until] for r, until in m.barred_until.items()],
-                      "batch_last": None if m.batch_last is None else list(m.batch_last)},
+                      "batch_last": None if m.batch_last is None else list(m.batch_last),
+                      "batch_cap": [m.batch_cap, m.batch_cap_until, m.backoffs]},
+            "curve": [[_num(x), _num(loss), b] for x, loss, b in self._curve],
+            "examples": _num(self._examples),
+            "check": None if self._check is None else [
+                _num(self._check.examples), self._check.old_batch, self._check.new_batch,
+                _num(self._check.predicted), _num(self._check.a), _num(self._check.b)],
             "last_report": None if self.last_report is None else {
                 k: _num(v) if isinstance(v, float) else v
                 for k, v in self.last_report.to_dict().items()},
@@ -425,7 +510,15 @@ class Policy:
                            flaps={_int(r): _int(n) for r, n in mv["flaps"]},
                            barred_until={_int(r): _int(u) for r, u in mv["barred_until"]},
                            batch_last=None if mv.get("batch_last") is None else
-                           (_int(mv["batch_last"][0]), _int(mv["batch_last"][1])))
+                           (_int(mv["batch_last"][0]), _int(mv["batch_last"][1])),
+                           **dict(zip(("batch_cap", "batch_cap_until", "backoffs"),
+                                      (_int(x) for x in mv.get("batch_cap", [0, -1, 0])))))
+            curve = [(_float(x), _float(loss), _int(b)) for x, loss, b in state.get("curve", [])]
+            examples = _float(state.get("examples", 0.0))
+            check = state.get("check")
+            if check is not None:
+                check = BatchMove(_float(check[0]), _int(check[1]), _int(check[2]),
+                                  _float(check[3]), _float(check[4]), _float(check[5]))
             rep = state["last_report"]
             if rep is not None:
                 rep = Report.from_dict({k: _float(v) if k in _REPORT_FLOATS else v
@@ -434,6 +527,7 @@ class Policy:
         except (KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ValueError(f"not a policy state: {type(exc).__name__}: {exc}") from None
         self._measured, self._recent, self._params = measured, recent, params
+        self._curve, self._examples, self._check = curve, examples, check
         self._dirty = bool(state.get("params_stale", True)) or params is None
         self._moves, self.last_report, self.resize_cost_s = moves, rep, resize_cost_s
         return self
@@ -557,10 +651,20 @@ class Policy:
         measured = self._stats is not None
         sqr, var = self._stats if measured else (0.0, 0.0)
         stats = {"grad_sqr": sqr, "grad_var": var}
+        backoff = self._checked_move()
         barred = [x for x in np.unique(r) if self._moves.barred(int(x))]
         keep = ~np.isin(r, barred) | (r == current.replicas)
+        batch = r * a * (k + 1)
         if not measured:
-            keep &= r * a * (k + 1) == current.global_batch
+            keep &= batch == current.global_batch
+        # A warmup that follows the signal: the batch grows by at most batch_growth_max per
+        # decision, and stays under the ceiling of a move that was backed off.
+        # A move still being checked holds the batch where it is until the check is done.
+        growth = 1.0 if self._check is not None else self.batch_growth_max
+        keep &= batch <= max(growth * current.global_batch, self.bounds.init_batch)
+        cap = self._moves.cap()
+        if cap:
+            keep &= batch <= max(cap, self.bounds.init_batch)
         if keep.any():
             r, a, k = r[keep], a[keep], k[keep]
         g = self.goodput(r, a, k, **stats)
@@ -569,6 +673,16 @@ class Policy:
         best = int(np.argmax(g))
         best_cfg = Config(int(r[best]), int(a[best]), int(k[best]))
         waiting = "" if measured else " (no noise-scale estimate yet: the batch waits for one)"
+        if not self._curve:
+            waiting += " (no loss reported: batch moves are bounded, not checked)"
+        if backoff:
+            same = np.flatnonzero(r == current.replicas)
+            if same.size:
+                i = same[int(np.argmax(g[same]))]
+                cfg = Config(int(r[i]), int(a[i]), int(k[i]))
+                self._moves.batch_last = (self._moves.runs, -1)
+                return Decision(cfg, current, g_cur, float(g[i]),
+                                f"{backoff}: {cfg.describe()}")
 
         if not self.bounds.admits(current) and not (
                 self.bounds.min_replicas <= current.replicas <= self.bounds.max_replicas):
@@ -647,7 +761,7 @@ class Policy:
             return Decision(same_cfg, current, g_cur, g_same,
                             f"batch {current.global_batch} -> {same_cfg.global_batch}: "
                             f"goodput +{g_same / g_cur - 1:.0%} (noise scale "
-                            f"{b0_noise(self.bounds.init_batch, sqr, var):.0f})")
+                            f"{b0_noise(self.bounds.init_batch, sqr, var):.0f}){waiting}")
         return Decision(current, current, g_cur, g_cur, "keep: no change pays off" + waiting)
 
     def _prior_share(self, cfg: Config) -> float:

@@ -29,9 +29,9 @@ class Report:
     init_batch: int           # B0, the batch the LR was tuned at
     step_time_s: float        # wall time of one optimizer step
     sync_time_s: float        # part of it spent waiting on the gradient all-reduce
-    grad_sqr: float           # smoothed |G|^2
-    grad_var: float           # smoothed tr(Sigma) / B0
-    loss: float = math.nan
+    grad_sqr: float           # smoothed |G|^2 at the conservative end (gns.GNSState)
+    grad_var: float           # smoothed tr(Sigma) / B0, likewise: their ratio is a low bound
+    loss: float = math.nan   # mean training loss since the last report (NaN: none recorded)
     lr: float = math.nan
     epoch: int = 0
     target_progress: float = math.nan  # B0-steps the whole run needs, when the job knows it

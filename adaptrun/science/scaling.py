@@ -18,6 +18,16 @@ batch grows by kappa (Busbridge et al. 2023, "How to Scale Your EMA"): ``scale_e
 
 Rules hold a little state (the ramp in progress), exposed as ``state_dict`` /
 ``load_state_dict`` so a re-formed job continues the same ramp.
+
+The user's own schedule on progress. A torch LR scheduler counts optimizer steps; once the
+batch grows, a run of fixed epochs takes fewer of them and a cosine keyed to steps ends far
+from its final LR. ``ProgressSchedule`` runs any scheduler (cosine, linear decay, a
+warmup-stable-decay ``SequentialLR``, a ``LambdaLR``) on B0-equivalent steps instead: the
+wrapper advances it to ``examples / B0`` after every optimizer step (``by="examples"``: the
+schedule ends with the epochs, whatever the batch), or to the sum of gains
+(``by="progress"``: AdaScale's scale-invariant iterations, Johnson et al. 2020; a run keyed to
+it ends when its progress does). Build the scheduler for the run's B0-steps of examples,
+``epochs * N / B0``, as if the batch never moved, and pass it as ``AdaptiveDataParallel(lr_scheduler=...)``.
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ __all__ = [
     "linear_ramp",
     "scale_ema_momentum",
     "rule_by_name",
+    "ProgressSchedule",
 ]
 
 
@@ -148,3 +159,52 @@ def rule_by_name(name: str, warmup_steps: int = 0) -> ScalingRule:
     except KeyError:
         raise ValueError(f"unknown scaling rule {name!r}; choose one of {sorted(_RULES)}") from None
     return cls(warmup_steps) if cls in (LinearScale, SqrtScale) else cls()
+
+
+class ProgressSchedule:
+    """A torch LR scheduler run on B0-equivalent steps of training, not optimizer steps.
+
+    ``advance_to(b0_steps)`` calls the wrapped scheduler's ``step()`` until it has been
+    stepped ``floor(b0_steps)`` times (a step at a batch of 8 x B0 steps it 8 times); it never
+    steps back. ``AdaptiveDataParallel(lr_scheduler=ProgressSchedule(s))`` calls it after each
+    optimizer step, with ``examples / B0`` (``by="examples"``) or the progress
+    (``by="progress"``). The LR rule's factor multiplies the LR the schedule sets. State:
+    the wrapped scheduler's and the count, so a re-formed job continues it.
+    """
+
+    BY = ("examples", "progress")
+
+    def __init__(self, scheduler, by: str = "examples"):
+        if by not in self.BY:
+            raise ValueError(f"ProgressSchedule(by={by!r}): choose one of {self.BY}")
+        if not callable(getattr(scheduler, "step", None)):
+            raise TypeError(f"ProgressSchedule needs an LR scheduler with step(), got "
+                            f"{type(scheduler).__name__}")
+        self.scheduler = scheduler
+        self.by = by
+        self.count = 0
+
+    def advance_to(self, b0_steps: float) -> int:
+        """Step the scheduler up to ``floor(b0_steps)`` steps in all; the steps taken now."""
+        if not math.isfinite(b0_steps):
+            return 0
+        target = int(math.floor(b0_steps + 1e-9))
+        taken = 0
+        while self.count < target:
+            self.scheduler.step()
+            self.count += 1
+            taken += 1
+        return taken
+
+    def get_last_lr(self):
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "by": self.by, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def __repr__(self) -> str:
+        return f"ProgressSchedule({type(self.scheduler).__name__}, by={self.by!r})"

@@ -16,29 +16,40 @@ What it does each optimizer step (no extra backward, one tiny extra all-reduce):
   measured between micro-batches (the first directly, later ones as the difference of the
   accumulated gradient), the last in the hook as the bucket less the gradient accumulated
   before it.
-  Adam-family optimizers (state ``exp_avg_sq``) are measured on the preconditioned gradient
-  g / (sqrt(v / (1 - beta2^t)) + eps) (``gns.precondition``'s formula, in torch), computed in
-  cache-sized chunks as it goes: no model-sized temporary or stored preconditioner.
+  The gradient measured is the raw one; with ``gns_preconditioned=True`` an Adam-family
+  optimizer (state ``exp_avg_sq``) is measured on its preconditioned gradient
+  g / (sqrt(v / (1 - beta2^t)) + eps) instead (``gns.precondition``'s formula, in torch,
+  in cache-sized chunks: no model-sized temporary or stored preconditioner).
 - Once per step the ranks sum a few floats: the local small-batch norms, the SIGTERM flags,
   rank 0's measuring cadence and its pending directive, so every rank holds the same numbers.
   The sum is launched behind
   the step's last gradient bucket (``GradBucket.is_last``) on the same group, and
   ``optimizer.step()``'s pre-hook waits on it: no blocking round trip of its own.
   ``gns.unbiased_estimates`` turns them into |G|^2 and tr(Sigma), which the ``gns.GNSState``
-  EMA smooths (regular steps only: equal micro-batches on every rank).
+  EMA smooths (regular steps only: equal micro-batches on every rank), decayed per B0-step
+  of training since the estimate before.
+- What the job acts on is the conservative end of the estimate (``conservative_stats``:
+  ``GNSState.conservative``): the gain r, the LR rule's factor and the reports' grad_sqr and
+  grad_var use it.
 - The scaling rule's factor for scale = global_batch / B0 and the gain r (``efficiency.gain``)
   multiplies each param group's LR for the step only: the user's value is put back after the
   step, so the user's scheduler keeps working on its own LR. ``progress`` adds r per step.
+  A ``scaling.ProgressSchedule`` given as ``lr_scheduler`` is advanced after each step to
+  ``examples / B0`` (or the progress), so the user's schedule follows training, not steps.
+- ``record_loss(loss)`` (no host sync) adds to the mean training loss the next report
+  carries; the controller checks its batch moves against it.
 - Rank 0 emits a ``report.Report`` every ``report_every_steps`` (``reporting``).
 
 ``ghost_batch_size=N`` turns every BatchNorm into ghost batch norm over virtual batches of N
 examples (``ghost_bn``), so BN statistics do not move when the local batch does.
 
-Read-only: ``noise_scale`` (examples), ``grad_sqr`` (|G|^2), ``grad_var`` (tr(Sigma)/B0),
-``gain``, ``progress`` (B0-equivalent steps), ``accum_steps``, ``lr_factor``, ``step``.
+Read-only: ``noise_scale`` (examples, the point estimate), ``noise_scale_bounds``,
+``grad_sqr`` (|G|^2), ``grad_var`` (tr(Sigma)/B0), ``gain``, ``progress`` (B0-equivalent
+steps), ``examples``, ``accum_steps``, ``lr_factor``, ``step``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -53,17 +64,15 @@ from . import distributed, job, reporting
 from ..science import efficiency
 from ..science.gns import GNSState, unbiased_estimates
 from ..science.report import Report
-from ..science.scaling import AdaScale, ScalingRule
+from ..science.scaling import AdaScale, ProgressSchedule, ScalingRule
 from .ghost_bn import convert_ghost_batch_norm
 
 __all__ = ["AdaptiveDataParallel", "REPORT_MIN_GNS_UPDATES"]
 
 # A report carries the gradient statistics once their average holds this many estimates. Each
-# estimate is a difference of two squared norms, and an average of one to three of them can be
-# off tenfold (a char model's first report said a noise scale of 136,100 and its sixth 15,608);
-# the policy moves the batch on what the report says, and would move it back on the next one.
-# Five is fewer than the average keeps anyway at a batch of 16 x B0 (about 7: decay 0.99 ** 16
-# per estimate). Before, the report says "no estimate yet" and the batch waits.
+# estimate is a difference of two squared norms and a handful of them can be off tenfold; the
+# conservative end of the interval (``GNSState.conservative``) covers the rest. Before, the
+# report says "no estimate yet" and the batch waits.
 REPORT_MIN_GNS_UPDATES = 5
 
 _DIRECTIVE_POLL_S = 0.1
@@ -79,8 +88,9 @@ _PLAIN_ATTRS = frozenset({
     "_sync_end", "_measure_main", "_measure_cb", "_plan", "_input_batch", "_micro_batches",
     "_weight", "_stats_on", "_agreed", "_gain", "_lr_factor", "_user_lrs", "_t_last_step",
     "_last_poll", "_offer", "_pending", "_measure_cost", "_step_cost", "lr", "_loss",
+    "_loss_sum", "_loss_count",
     "_progress", "gns_every_steps", "_last_times", "_resize_gap_s", "_reform_at",
-    "_generation", "_gns"})
+    "_generation", "_gns", "_gns_last_step", "_examples"})
 
 
 def measuring_cadence(measure_s: float, step_s: float, budget: float = _GNS_BUDGET) -> int:
@@ -107,7 +117,7 @@ class AdaptiveDataParallel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler=None, scaling_rule: ScalingRule | None = None, *,
                  gns_decay: float = 0.99, report_every_steps: int = 10,
-                 gns_every_steps: int | None = None,
+                 gns_every_steps: int | None = None, gns_preconditioned: bool = True,
                  ghost_batch_size: int | None = None, **ddp_kwargs):
         world = distributed.world("AdaptiveDataParallel")
         self._job = job.current("AdaptiveDataParallel")
@@ -116,9 +126,9 @@ class AdaptiveDataParallel(torch.nn.Module):
             # BatchNorm statistics over fixed virtual batches: the same whatever local batch
             # the controller picks (Hoffer et al.); parameters and state_dict keys unchanged.
             model = convert_ghost_batch_norm(model, ghost_batch_size)
-        if world.backend == "nccl":
-            model = model.cuda(world.local_rank)
-            ddp_kwargs.setdefault("device_ids", [world.local_rank])
+        if torch.device(world.device).type == "cuda":     # placed by the job's device
+            model = model.to(world.device)
+            ddp_kwargs.setdefault("device_ids", [torch.device(world.device).index])
         # Gradients live in DDP's buckets: no copy into the bucket before the all-reduce and
         # none back after it, two passes over the gradients that pay for the hook's scaling.
         ddp_kwargs.setdefault("gradient_as_bucket_view", True)
@@ -148,7 +158,10 @@ class AdaptiveDataParallel(torch.nn.Module):
         # gns_decay per measured step: the averages keep as many samples as when every step
         # was measured, over gns_every_steps times as many steps.
         self._gns = GNSState(decay=gns_decay)
+        self._gns_preconditioned = bool(gns_preconditioned)
+        self._gns_last_step: int | None = None   # the step of the last estimate folded in
         self._progress = 0.0
+        self._examples = 0           # examples of every committed step so far
         self._generation = 0
         self._gain = 1.0
         self._lr_factor = 1.0
@@ -160,6 +173,8 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._reform_at: int | None = None
         self._last_poll = 0.0
         self._loss = math.nan
+        self._loss_sum = 0.0             # losses recorded since the last report (no sync)
+        self._loss_count = 0
         self.lr = math.nan
         self._t_start = time.monotonic()
         self._t_last_step = None
@@ -194,6 +209,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         """step() only on a step's last micro-batch, zero_grad() only on its first."""
         step, zero_grad = optimizer.step, optimizer.zero_grad
 
+        @functools.wraps(step)         # keeps torch's marker: schedulers see step() intact
         def adaptive_step(*args, **kwargs):
             loader = self._job.loader
             if loader is not None and self._plan is not None and not loader.is_step_end:
@@ -254,7 +270,9 @@ class AdaptiveDataParallel(torch.nn.Module):
 
     def record_loss(self, loss) -> None:
         """Optional: give the loss of the current step to the reports."""
-        self._loss = float(loss.detach() if torch.is_tensor(loss) else loss)
+        value = loss.detach().float() if torch.is_tensor(loss) else float(loss)
+        self._loss_sum = self._loss_sum + value
+        self._loss_count += 1
 
     # ---- read-only statistics ------------------------------------------------------
     @property
@@ -286,14 +304,38 @@ class AdaptiveDataParallel(torch.nn.Module):
         return self._gns.trace_sigma / self.init_batch
 
     @property
+    def noise_scale_bounds(self) -> tuple[float, float]:
+        """(low, high) of the noise scale, one standard error of each average either way;
+        the low end is what the job acts on (``conservative_stats``)."""
+        return self._gns.noise_scale_bounds()
+
+    def conservative_stats(self) -> tuple[float, float]:
+        """(|G|^2, tr(Sigma)/B0) at the low end of the noise scale the estimates support
+        (``GNSState.conservative``): what the gain, the LR rule and the reports use. nan
+        before two estimates."""
+        sqr, tr = self._gns.conservative()
+        return sqr, tr / self.init_batch
+
+    @property
     def gain(self) -> float:
-        if self._gns.updates == 0:
+        sqr, var = self.conservative_stats()
+        if not (math.isfinite(sqr) and sqr > 0):
             return 1.0
-        return float(efficiency.gain(self.grad_sqr, self.grad_var, self.scale))
+        return float(efficiency.gain(sqr, var, self.scale))
 
     @property
     def progress(self) -> float:
         return self._progress
+
+    @property
+    def examples(self) -> int:
+        """Examples of all committed optimizer steps so far."""
+        return self._examples
+
+    def b0_steps(self, by: str = "examples") -> float:
+        """B0-equivalent steps so far: ``examples / B0`` (by="examples") or the progress,
+        the sum of gains (by="progress")."""
+        return self._progress if by == "progress" else self._examples / self.init_batch
 
     @property
     def accum_steps(self) -> int:
@@ -342,12 +384,22 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._stats_on = self._stats_on and self._job.state.step % self.gns_every_steps == 0
 
     def _preconditioner(self) -> dict[int, tuple]:
-        """Per parameter (id) of an Adam-family optimizer: (v, 1 - beta2^t, eps), so that
-        ``_sqr_norm`` measures g / (sqrt(v / (1 - beta2^t)) + eps) as it goes: no copy of the
-        preconditioner is kept (it would be another model-sized buffer), none goes stale."""
+        """Per parameter (id) of an Adam-family optimizer: (v, 1 - beta2^t, floor), so that
+        ``_sqr_norm`` measures g / (sqrt(v / (1 - beta2^t)) + floor) as it goes: no copy of
+        the preconditioner is kept (it would be another model-sized buffer), none goes stale.
+
+        The floor is eps plus the mean of sqrt(v_hat) over the tensor. The step being
+        measured has not yet entered v, and Adam's own update divides by a v that holds it:
+        a coordinate whose gradient was ~0 in every step so far (an embedding row not yet
+        seen, a unit not yet active) has v_hat ~ 0, and g / eps would take it to 1e8 x the
+        rest and the noise scale with it. Bounded by the tensor's typical scale, it weighs at
+        most as a typical coordinate does."""
         if self._pre is not None:          # once per step: the state changes only at step()
             return self._pre
         pre = {}
+        if not self._gns_preconditioned:
+            self._pre = pre
+            return pre
         for group in self.optimizer.param_groups:
             beta2 = group.get("betas", (0.9, 0.999))[1]
             eps = group.get("eps", 1e-8)
@@ -356,13 +408,15 @@ class AdaptiveDataParallel(torch.nn.Module):
                 v = st.get("exp_avg_sq") if st else None
                 if v is not None:
                     t = float(st.get("step", 1))
-                    pre[id(p)] = (v.reshape(-1), 1.0 - beta2 ** max(t, 1.0), eps)
+                    bias2 = 1.0 - beta2 ** max(t, 1.0)
+                    floor = torch.sqrt(v / bias2).mean().add_(eps)   # 0-dim: no host sync
+                    pre[id(p)] = (v.reshape(-1), bias2, floor)
         self._pre = pre
         return pre
 
     @staticmethod
     def _sqr_norm(grads, params, pre: dict) -> torch.Tensor:
-        """sum over parameters of |g|^2, or |g / (sqrt(v / bias2) + eps)|^2 where the
+        """sum over parameters of |g|^2, or |g / (sqrt(v / bias2) + floor)|^2 where the
         optimizer keeps v: plain dot products, the preconditioned ones in cache-sized chunks
         (their temporaries never grow with the model). No host sync."""
         total = None
@@ -375,13 +429,13 @@ class AdaptiveDataParallel(torch.nn.Module):
             if w is None or w[0].numel() != g.numel():
                 part = torch.dot(g, g)
             else:
-                v, bias2, eps = w
+                v, bias2, floor = w
                 part = None
                 if scratch is None or scratch.dtype != v.dtype or scratch.device != v.device:
                     scratch = torch.empty(_CHUNK, dtype=v.dtype, device=v.device)
                 for gs, vs in zip(g.split(_CHUNK), v.split(_CHUNK)):
                     d = scratch[:gs.numel()]
-                    torch.div(vs, bias2, out=d).sqrt_().add_(eps)
+                    torch.div(vs, bias2, out=d).sqrt_().add_(floor)
                     torch.div(gs, d, out=d)
                     dd = torch.dot(d, d)
                     part = dd if part is None else part + dd
@@ -529,10 +583,20 @@ class AdaptiveDataParallel(torch.nn.Module):
             else:
                 b_small = float(self._input_batch or 1)
                 b_big = b_small * world.world_size
-            if b_big > b_small:
+            # An Adam-family optimizer before its first step has no second moment yet: that
+            # step's norms are of the raw gradient, another quantity (and scale) than the rest.
+            unconditioned = self._gns_preconditioned and not self._preconditioner() and any(
+                "betas" in g for g in self.optimizer.param_groups)
+            if b_big > b_small and not unconditioned:
                 grad_sqr, trace = unbiased_estimates(small_sum / small_count, big_sqr,
                                                      b_small, b_big)
-                self._gns = self._gns.update(float(grad_sqr), float(trace), self.scale)
+                # The averages decay per B0-step of training since the last estimate, not
+                # per estimate: their memory is the same whatever the measuring cadence.
+                last = self._gns_last_step
+                steps = self.step - last if last is not None and self.step > last else 1
+                self._gns = self._gns.update(float(grad_sqr), float(trace),
+                                             self.scale * steps, big_sqr=big_sqr)
+                self._gns_last_step = self.step
         self._gain = self.gain
         self._lr_factor = float(self.scaling_rule.factor(self.scale, self._gain, self.step))
         self._user_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -546,6 +610,9 @@ class AdaptiveDataParallel(torch.nn.Module):
         for g, lr in zip(self.optimizer.param_groups, self._user_lrs):
             g["lr"] = lr
         self._progress += self._gain
+        self._examples += self.global_batch if self._plan is None else self._plan.size
+        if isinstance(self.lr_scheduler, ProgressSchedule):
+            self.lr_scheduler.advance_to(self.b0_steps(self.lr_scheduler.by))
         self._job.state.step += 1
         self._job.state.last_step_wall = time.time()
         if self._job.loader is not None:
@@ -568,7 +635,11 @@ class AdaptiveDataParallel(torch.nn.Module):
         step_time, sync_time = self._last_times   # a report between steps repeats the last
         self._step_times.clear()
         self._sync_times.clear()
-        known = self._gns.updates >= REPORT_MIN_GNS_UPDATES and math.isfinite(self.grad_sqr)
+        sqr, var = self.conservative_stats()
+        known = self._gns.updates >= REPORT_MIN_GNS_UPDATES and math.isfinite(sqr)
+        if self._loss_count:
+            self._loss = float(self._loss_sum) / self._loss_count
+            self._loss_sum, self._loss_count = 0.0, 0
         j = self._job
         loader = j.loader
         local_batch = loader.current_local_batch_size if loader is not None else (
@@ -581,8 +652,8 @@ class AdaptiveDataParallel(torch.nn.Module):
                      local_batch=max(1, local_batch), accum_steps=self.accum_steps,
                      init_batch=self.init_batch, step_time_s=max(step_time, 1e-9),
                      sync_time_s=min(sync_time, max(step_time, 1e-9)),
-                     grad_sqr=float(self.grad_sqr) if known else 0.0,
-                     grad_var=max(0.0, float(self.grad_var)) if known else 0.0,
+                     grad_sqr=float(sqr) if known else 0.0,
+                     grad_var=max(0.0, float(var)) if known else 0.0,
                      loss=self._loss, lr=float(self.lr), epoch=j.state.epoch,
                      target_progress=self._target_progress(),
                      time_s=time.monotonic() - self._t_start, generation=self._generation,
@@ -633,11 +704,14 @@ class AdaptiveDataParallel(torch.nn.Module):
         def state_dict(self) -> dict:
             o = self.outer
             return {"progress": o._progress, "gns": o._gns.to_dict(),
+                    "gns_last_step": o._gns_last_step, "examples": o._examples,
                     "scaling_rule": o.scaling_rule.state_dict(), "generation": o._generation}
 
         def load_state_dict(self, state: dict) -> None:
             o = self.outer
             o._progress = float(state["progress"])
             o._gns = GNSState.from_dict(state["gns"])
+            o._gns_last_step = state.get("gns_last_step")
+            o._examples = int(state.get("examples", round(o._progress * o.init_batch)))
             o.scaling_rule.load_state_dict(state["scaling_rule"])
             o._generation = int(state["generation"])

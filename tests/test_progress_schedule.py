@@ -1,0 +1,58 @@
+"""A user's LR schedule on progress: a cosine built for the run at B0 ends at its final LR
+when the epochs end, although the batch grew 8x (``adaptrun.scaling.ProgressSchedule``); the
+same cosine on optimizer steps stops far above it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from workers import harness
+
+
+def _run(by: str) -> dict:
+    proc = subprocess.run([sys.executable, str(harness.REPO / "tests" / "workers" /
+                                               "schedule_worker.py"), "--by", by],
+                          capture_output=True, text=True, timeout=60, env=harness.base_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {w[0]: float(w[1]) for w in (line.split() for line in proc.stdout.splitlines())
+            if len(w) == 2}
+
+
+@pytest.mark.timeout(120)
+def test_a_cosine_on_progress_reaches_its_final_lr_when_the_epochs_end_under_batch_growth():
+    on_examples, on_steps = _run("examples"), _run("steps")
+    for r in (on_examples, on_steps):
+        assert r["final_batch"] == 256, r                  # the batch grew 8x early
+        assert r["steps"] < 0.25 * 2 * 4096 / 32, r       # so far fewer steps than at B0
+    assert on_examples["lr_frac"] == pytest.approx(0.1, abs=0.02), on_examples
+    assert on_steps["lr_frac"] > 0.5, on_steps             # keyed to steps: far from its end
+
+
+def test_progress_schedule_steps_the_wrapped_scheduler_to_whole_b0_steps_only():
+    from adaptrun.science.scaling import ProgressSchedule
+
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def step(self):
+            self.n += 1
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, d):
+            self.n = d["n"]
+
+    c = Counter()
+    s = ProgressSchedule(c)
+    assert s.advance_to(7.5) == 7 and c.n == 7
+    assert s.advance_to(3.0) == 0 and c.n == 7          # never back
+    assert s.advance_to(8.0) == 1 and c.n == 8
+    restored = ProgressSchedule(Counter())
+    restored.load_state_dict(s.state_dict())
+    assert restored.count == 8 and restored.scheduler.n == 8
+    with pytest.raises(ValueError, match="choose one of"):
+        ProgressSchedule(c, by="steps")
