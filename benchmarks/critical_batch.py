@@ -374,8 +374,12 @@ def main() -> None:
         pathlib.Path(args.signal_only).write_text(json.dumps(
             {str(k): v for k, v in line["signals"].items()}))
         return
-    for name in [args.only] if args.only else list(WORKLOADS):
-        measure(name, args)
+    if args.only:
+        measure(args.only, args)
+        return
+    for name in WORKLOADS:        # one process each: a process holds one adaptrun job
+        rest = [a for a in sys.argv[1:]]
+        subprocess.run([sys.executable, __file__, "--only", name, *rest], check=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ G in {4, 16}. Ratios from one run, side by side.
 its measured sync times times Y (``Workload.scaled``): workloads the policy was not written
 against, for the same table.
 
+``--sweep`` judges the policy on families of workloads instead of three: every trace under
+each combination of noise scale x{1/4, 1, 4}, its growth over training bent by
+{-0.5, 0, +0.5} (``Workload.scaled(growth=)``), sync x{1/2, 1, 2} and run length {1/2, 1} of
+its epochs, at each G; per family it prints the adaptive run over the oracle held to the
+same start (the hindsight floor from where the policy starts), the share of rows within
+1.05x and the worst row.
+
 ``--start-floors`` prints, instead, the oracle held to each possible first replica count R
 (its hindsight, but starting at R) over the free oracle: the floor of any policy that starts
 at R. A policy must choose its start before it has measured anything, so the start it can
@@ -73,6 +80,32 @@ def _start_floors(args) -> None:
                                                  enumerate(floors, start=1)), flush=True)
 
 
+def _sweep(args) -> None:
+    import itertools
+
+    families = list(itertools.product((0.25, 1.0, 4.0), (-0.5, 0.0, 0.5), (0.5, 1.0, 2.0),
+                                      (0.5, 1.0)))
+    print(f"resize cost {args.resize_cost_s:g} s, {args.gpus_per_node} GPUs per node; "
+          f"adaptive / the oracle from the same start, {len(families)} variants per row")
+    print("| workload | G | median | within 1.05x | worst (noise, growth, sync, length) |")
+    print("|---|---|---|---|---|")
+    for name in args.workloads:
+        base = load_workload(bundled_trace_dir(name))
+        for g in args.gpus:
+            rows = []
+            for noise, growth, sync, length in families:
+                w = base.scaled(noise, sync, growth)
+                epochs = max(1, int(round(DEFAULT_EPOCHS[name] * length)))
+                ad = simulate_adaptive(w, g, epochs, args.gpus_per_node, args.resize_cost_s)
+                floor = oracle_plan(w, g, epochs, args.gpus_per_node, args.resize_cost_s,
+                                    start_replicas=ad.timeline[0].replicas)
+                rows.append((ad.time_s / floor.time_s, (noise, growth, sync, length)))
+            ratios = np.array([r for r, _ in rows])
+            worst = max(rows)
+            print(f"| {name} | {g} | {np.median(ratios):.3f} | "
+                  f"{np.mean(ratios <= 1.05):.0%} | {worst[0]:.3f} {worst[1]} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resize-cost-s", type=float, default=30.0)
@@ -87,7 +120,12 @@ def main() -> None:
                     help="multiply every measured sync time (what-if; 1 = as measured)")
     ap.add_argument("--start-floors", action="store_true",
                     help="print the oracle from each first replica count over the oracle")
+    ap.add_argument("--sweep", action="store_true",
+                    help="judge the policy on families of perturbed workloads (see above)")
     args = ap.parse_args()
+    if args.sweep:
+        _sweep(args)
+        return
     if args.start_floors:
         _start_floors(args)
         return

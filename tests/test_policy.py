@@ -411,3 +411,32 @@ def test_the_progress_check_reads_a_realized_ratio_off_the_loss_curve():
     after = [(8e3 + dx, _curve_loss(8e3 + 0.5 * dx)) for dx in (2e3, 4e3, 8e3)]
     assert realized_ratio(move, after) == pytest.approx(0.5, rel=0.02)
     assert math.isnan(realized_ratio(move, after[:1]))
+
+
+@pytest.mark.parametrize("realized", ["as_before", "half"])
+def test_a_probe_of_a_larger_batch_is_kept_only_when_the_loss_shows_it_costs_no_progress(realized):
+    """Where the noise scale sees no gain in a larger batch but the loss keeps falling, the
+    policy tries one 1.5-2x larger and keeps it only if the loss realizes probe_keep (0.9) of
+    the progress per example it had: kept, the batch never goes back below it on the noise
+    scale's word; short, it is backed off and capped."""
+    stats = {"grad_sqr": 1.0, "grad_var": 0.05, "target": 1e7}      # B_noise 6.4: no gain
+    p = Policy(BOUNDS, resize_cost_s=1e9)
+    cur = Config(4, 32, 0)
+    d, step, examples = _run_to_a_batch_move(p, cur, **stats)
+    assert d.reason.startswith("probe: batch 128 -> "), d.reason
+    moved = d.config
+    assert 1.5 * 128 <= moved.global_batch <= 2 * 128
+    start = examples
+    for _ in range(p.check_reports):
+        step += 10
+        examples += 10 * moved.global_batch
+        worth = 1.0 if realized == "as_before" else 0.5
+        p.observe(dataclasses_replace(report(moved, **stats), step=step,
+                                      loss=_curve_loss(start + worth * (examples - start))))
+        d = p.decide()
+    if realized == "as_before":
+        assert "back off" not in d.reason and d.config.global_batch >= moved.global_batch, \
+            d.reason
+    else:
+        assert "back off" in d.reason and "the probe needed 0.90" in d.reason, d.reason
+        assert d.config.global_batch <= 128

@@ -90,7 +90,14 @@ batch does not grow further; when the progress per example realized falls short 
 ``check_shortfall`` (half) of the predicted, the batch backs off below the move and is
 capped there for ``holdoff_runs`` decisions (doubling with each back-off), and the decision
 line says so. A job that reports no loss keeps the conservative statistics and the bounded
-growth, unchecked; its decision lines say that too.
+growth, unchecked; its decision lines say that too. Where the noise scale sees no gain in a
+larger batch but the loss keeps falling, the policy probes one 1.5-2x larger (``_probe``)
+and keeps it only if the check finds it realized ``probe_keep`` (0.9) of the progress per
+example: then the batch is not taken back below it on the noise scale's word (measured
+progress outranks the model), else it backs off as above. Branched training found the
+noise scale far below the critical batch where a run sits at its noise floor (a constant LR:
+every larger batch up to 32 x B0 lowered char_lm's loss at equal examples from a quarter of
+the run on); only the loss tells.
 
 The policy reads only what a live job reports: measured step and sync times of
 configurations it has run, and the gradient statistics at its current batch. It never sees
@@ -315,6 +322,8 @@ class _Moves:
     batch_cap: int = 0                              # a backed-off batch's ceiling (0: none)
     batch_cap_until: int = -1
     backoffs: int = 0
+    batch_floor: int = 0                            # a batch a probe measured efficient
+    probe_to: int = 0                               # the batch a probe decided, not yet seen
 
     def cap(self) -> int:
         """The batch ceiling in force after a back-off (0: none)."""
@@ -353,6 +362,7 @@ class Policy:
     batch_growth_max: float = 4.0
     check_reports: int = 6
     check_shortfall: float = 0.5
+    probe_keep: float = 0.9
     _measured: dict = field(default_factory=dict, repr=False)
     _moves: _Moves = field(default_factory=_Moves, repr=False)
     _recent: list = field(default_factory=list, repr=False)  # the last stats_window measured
@@ -408,7 +418,9 @@ class Policy:
         b0 = self.bounds.init_batch
         predicted = float(efficiency(sqr, var, new / b0) / efficiency(sqr, var, old / b0))
         x0 = self._examples - (report.step - prev.step) * old
-        return BatchMove(x0, old, new, predicted, fit[0], fit[1])
+        probe, self._moves.probe_to = self._moves.probe_to == new, 0
+        keep_at = self.probe_keep if probe else self.check_shortfall * predicted
+        return BatchMove(x0, old, new, predicted, fit[0], fit[1], probe, keep_at)
 
     def _checked_move(self) -> str:
         """Judge the batch move being checked once enough reports came after it: when the
@@ -423,16 +435,20 @@ class Policy:
             return ""
         self._check = None
         rho = realized_ratio(mv, after)
-        if not rho < self.check_shortfall * mv.predicted:
-            return ""
         m = self._moves
+        if not rho < mv.keep_at:
+            if mv.probe:           # measured: the bigger batch costs no progress per example
+                m.batch_floor = max(m.batch_floor, mv.new_batch)
+            return ""
+        m.batch_floor = min(m.batch_floor, mv.old_batch)
         m.backoffs += 1
         m.batch_cap = mv.old_batch
         m.batch_cap_until = m.runs + self.holdoff_runs * 2 ** (m.backoffs - 1)
+        promised = (f"the probe needed {mv.keep_at:.2f}" if mv.probe else
+                    f"the noise scale predicted {mv.predicted:.2f}")
         return (f"back off: batch {mv.old_batch} -> {mv.new_batch} realized {rho:.2f} of the "
-                f"progress per example at {mv.old_batch} (the noise scale predicted "
-                f"{mv.predicted:.2f}); batch at most {mv.old_batch} for "
-                f"{m.batch_cap_until - m.runs} decisions")
+                f"progress per example at {mv.old_batch} ({promised}); batch at most "
+                f"{mv.old_batch} for {m.batch_cap_until - m.runs} decisions")
 
     def with_bounds(self, bounds: JobBounds) -> "Policy":
         """The same policy, with what it learned, under new bounds (``adaptrun scale``)."""
@@ -469,12 +485,14 @@ class Policy:
                       "flaps": [[r, n] for r, n in m.flaps.items()],
                       "barred_until": [[r, until] for r, until in m.barred_until.items()],
                       "batch_last": None if m.batch_last is None else list(m.batch_last),
-                      "batch_cap": [m.batch_cap, m.batch_cap_until, m.backoffs]},
+                      "batch_cap": [m.batch_cap, m.batch_cap_until, m.backoffs],
+                      "batch_floor": [m.batch_floor, m.probe_to]},
             "curve": [[_num(x), _num(loss), b] for x, loss, b in self._curve],
             "examples": _num(self._examples),
             "check": None if self._check is None else [
                 _num(self._check.examples), self._check.old_batch, self._check.new_batch,
-                _num(self._check.predicted), _num(self._check.a), _num(self._check.b)],
+                _num(self._check.predicted), _num(self._check.a), _num(self._check.b),
+                self._check.probe, _num(self._check.keep_at)],
             "last_report": None if self.last_report is None else {
                 k: _num(v) if isinstance(v, float) else v
                 for k, v in self.last_report.to_dict().items()},
@@ -512,13 +530,17 @@ class Policy:
                            batch_last=None if mv.get("batch_last") is None else
                            (_int(mv["batch_last"][0]), _int(mv["batch_last"][1])),
                            **dict(zip(("batch_cap", "batch_cap_until", "backoffs"),
-                                      (_int(x) for x in mv.get("batch_cap", [0, -1, 0])))))
+                                      (_int(x) for x in mv.get("batch_cap", [0, -1, 0])))),
+                           **dict(zip(("batch_floor", "probe_to"),
+                                      (_int(x) for x in mv.get("batch_floor", [0, 0])))))
             curve = [(_float(x), _float(loss), _int(b)) for x, loss, b in state.get("curve", [])]
             examples = _float(state.get("examples", 0.0))
             check = state.get("check")
             if check is not None:
                 check = BatchMove(_float(check[0]), _int(check[1]), _int(check[2]),
-                                  _float(check[3]), _float(check[4]), _float(check[5]))
+                                  _float(check[3]), _float(check[4]), _float(check[5]),
+                                  bool(check[6]) if len(check) > 6 else False,
+                                  _float(check[7]) if len(check) > 7 else 0.0)
             rep = state["last_report"]
             if rep is not None:
                 rep = Report.from_dict({k: _float(v) if k in _REPORT_FLOATS else v
@@ -665,6 +687,9 @@ class Policy:
         cap = self._moves.cap()
         if cap:
             keep &= batch <= max(cap, self.bounds.init_batch)
+        floor = self._moves.batch_floor
+        if floor and not (cap and cap < floor):
+            keep &= batch >= min(floor, current.global_batch)
         if keep.any():
             r, a, k = r[keep], a[keep], k[keep]
         g = self.goodput(r, a, k, **stats)
@@ -762,7 +787,37 @@ class Policy:
                             f"batch {current.global_batch} -> {same_cfg.global_batch}: "
                             f"goodput +{g_same / g_cur - 1:.0%} (noise scale "
                             f"{b0_noise(self.bounds.init_batch, sqr, var):.0f}){waiting}")
+        probe = self._probe(current, r, a, k, g)
+        if probe is not None:
+            i, fit_note = probe
+            cfg = Config(int(r[i]), int(a[i]), int(k[i]))
+            self._moves.probe_to = cfg.global_batch
+            self._moves.batch_last = (self._moves.runs, 1)
+            return Decision(cfg, current, g_cur, float(g[i]),
+                            f"probe: batch {current.global_batch} -> {cfg.global_batch} to "
+                            f"measure its progress per example ({fit_note}; kept if it "
+                            f"realizes {self.probe_keep:.2f} of the present one)")
         return Decision(current, current, g_cur, g_cur, "keep: no change pays off" + waiting)
+
+    def _probe(self, current: Config, r, a, k, g):
+        """A probe of a larger batch where the noise scale sees no gain but the loss can tell:
+        the loss fell along a curve over the last 8 reports at this batch, no move is being
+        checked or was backed off, and a batch 1.5-2x this one fits at this replica count.
+        The check then keeps it only if it realizes ``probe_keep`` of the progress per
+        example (at no less throughput per example, so at no less goodput). Returns (index
+        of the candidate, a note) or None."""
+        m = self._moves
+        if self.probe_keep <= 0 or self._check is not None or m.cap() or m.probe_to:
+            return None
+        pts = [(x, loss) for x, loss, b in self._curve if b == current.global_batch][-8:]
+        if len(pts) < 8 or fit_log_curve(pts) is None:
+            return None
+        batch = r * a * (k + 1)
+        ok = np.flatnonzero((r == current.replicas) & (batch >= 1.5 * current.global_batch)
+                            & (batch <= 2 * current.global_batch))
+        if ok.size == 0:
+            return None
+        return int(ok[int(np.argmax(g[ok]))]), "the loss is falling"
 
     def _prior_share(self, cfg: Config) -> float:
         """How much of the predicted step at ``cfg`` rests on a guess: the fraction by which

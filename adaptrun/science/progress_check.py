@@ -38,6 +38,8 @@ class BatchMove:
     predicted: float          # E(new) / E(old) from the statistics it was decided on
     a: float                  # the curve before it: L = a + b log x
     b: float
+    probe: bool = False       # a probe: kept only if it realizes ``keep_at`` or more
+    keep_at: float = 0.0
 
 
 def fit_log_curve(points) -> tuple[float, float] | None:

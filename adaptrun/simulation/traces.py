@@ -162,19 +162,25 @@ class Workload:
         return _Curve(a, mix(c_lo.step_time_s, c_hi.step_time_s, c_lo.local_batch, c_hi.local_batch),
                       mix(c_lo.sync_time_s, c_hi.sync_time_s, c_lo.local_batch, c_hi.local_batch))
 
-    def scaled(self, noise: float = 1.0, sync: float = 1.0) -> "Workload":
+    def scaled(self, noise: float = 1.0, sync: float = 1.0, growth: float = 0.0) -> "Workload":
         """The same workload with its noise scale (grad_var) times ``noise`` and every
         measured sync time times ``sync`` (compute unchanged): a what-if for a model that
-        tolerates bigger batches, or a faster or slower network."""
-        if not (noise > 0 and sync > 0 and np.isfinite(noise) and np.isfinite(sync)):
+        tolerates bigger batches, or a faster or slower network. ``growth`` bends the noise
+        scale's course over training: epoch e's is further multiplied by ((e + 1) / (E / 2))
+        ** growth (E the trace's epochs), so it is unchanged at mid-run, grows faster than
+        measured for growth > 0 and slower (or falls) for growth < 0."""
+        if not (noise > 0 and sync > 0 and np.isfinite(noise) and np.isfinite(sync)
+                and np.isfinite(growth)):
             raise TraceError(f"scale factors must be positive numbers, got noise {noise}, "
-                             f"sync {sync}")
+                             f"sync {sync}, growth {growth}")
+        epochs = self.grad_var.shape[1]
+        bend = ((np.arange(epochs) + 1.0) / (epochs / 2.0)) ** growth
 
         def curve(c: _Curve) -> _Curve:
             return _Curve(c.local_batch, c.step_time_s + (sync - 1.0) * c.sync_time_s,
                           sync * c.sync_time_s)
 
-        return replace(self, grad_var=self.grad_var * noise,
+        return replace(self, grad_var=self.grad_var * noise * bend[None, :],
                        placements={k: curve(c) for k, c in self.placements.items()},
                        by_shape={k: curve(c) for k, c in self.by_shape.items()})
 
