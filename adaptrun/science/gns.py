@@ -36,12 +36,12 @@ disagree widely, that bound stays near zero and the batch stays near B0.
 Pollux/AdaptDL report the variance at the initial batch B0, ``grad_var = tr(Sigma) / B0``,
 so that B_noise = B0 * grad_var / grad_sqr; ``grad_var_at`` converts.
 
-The gradient measured is the raw one by default, for every optimizer. ``precondition`` gives
-Adam's preconditioned gradient g / (sqrt(v_hat) + eps), which the worker can measure instead
-(``AdaptiveDataParallel(gns_preconditioned=True)``): its noise scale is far off the measured
-critical batch early in training, where v_hat rests on a few steps and the preconditioned
-noise of rarely-updated coordinates is huge (the Performance page of the docs has the
-figures, from ``benchmarks/critical_batch.py``).
+Adam-family optimizers are measured on the preconditioned gradient g / (sqrt(v_hat) + floor)
+(``precondition``; the worker floors v_hat per tensor at its mean, and skips the step before
+Adam has a second moment), the direction Adam steps in; others, and
+``AdaptiveDataParallel(gns_preconditioned=False)``, on the raw gradient. The docs'
+Performance page compares both against the critical batch measured by
+``benchmarks/critical_batch.py``.
 
 Everything here is a pure function of numpy arrays (or floats); the worker library feeds it
 squared norms measured with torch, the tests feed it analytic draws.

@@ -16,9 +16,9 @@ What it does each optimizer step (no extra backward, one tiny extra all-reduce):
   measured between micro-batches (the first directly, later ones as the difference of the
   accumulated gradient), the last in the hook as the bucket less the gradient accumulated
   before it.
-  The gradient measured is the raw one; with ``gns_preconditioned=True`` an Adam-family
-  optimizer (state ``exp_avg_sq``) is measured on its preconditioned gradient
-  g / (sqrt(v / (1 - beta2^t)) + eps) instead (``gns.precondition``'s formula, in torch,
+  An Adam-family optimizer (state ``exp_avg_sq``) is measured on its preconditioned gradient
+  g / (sqrt(v / (1 - beta2^t)) + floor) (``_preconditioner``; ``gns_preconditioned=False``:
+  the raw gradient) (``gns.precondition``'s formula, in torch,
   in cache-sized chunks: no model-sized temporary or stored preconditioner).
 - Once per step the ranks sum a few floats: the local small-batch norms, the SIGTERM flags,
   rank 0's measuring cadence and its pending directive, so every rank holds the same numbers.
