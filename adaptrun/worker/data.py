@@ -25,7 +25,9 @@ import operator
 import torch
 from torch.utils.data import default_collate
 
-from . import distributed, job
+import sys
+
+from . import distributed, job, memory
 from .errors import BatchConfigError
 from .sampler import SamplerState, StepPlan, permutation, plan_step, rank_slice
 
@@ -130,8 +132,8 @@ class AdaptiveDataLoader:
         w = self._world.world_size
         global_batch = min(max(int(global_batch), w), max(self.max_batch_size, w))
         accum_steps = max(int(accum_steps), 0) if self.accumulation else 0
-        if self.local_batch_bounds is not None:
-            hi = self.local_batch_bounds[1]
+        hi = self.local_batch_max()
+        if hi is not None:
             if self.accumulation:
                 accum_steps = max(accum_steps, math.ceil(global_batch / (w * hi)) - 1)
             else:
@@ -139,9 +141,20 @@ class AdaptiveDataLoader:
         self.state.global_batch = global_batch
         self.state.accum_steps = accum_steps
 
+    def local_batch_max(self) -> int | None:
+        """The upper bound of the local batch: the script's, or the device memory's where
+        that is lower (``memory.MemoryBound``, learned by probes); None: none."""
+        hi = self.local_batch_bounds[1] if self.local_batch_bounds is not None else None
+        cap = self._job.memory_bound.cap() if self._job.memory.active else None
+        if cap is not None:
+            lo = self.local_batch_bounds[0] if self.local_batch_bounds is not None else 1
+            hi = max(lo, cap if hi is None else min(hi, cap))
+        return hi
+
     def declared_limits(self) -> dict:
         """What the script allows, as the report's fields: the controller plans within it."""
-        lo, hi = self.local_batch_bounds or (0, 0)
+        lo = self.local_batch_bounds[0] if self.local_batch_bounds is not None else 0
+        hi = self.local_batch_max() or 0
         return {"max_batch": self.max_batch_size, "local_batch_min": lo, "local_batch_max": hi,
                 "accumulation": self.accumulation}
 
@@ -175,6 +188,38 @@ class AdaptiveDataLoader:
         samples = getitems(items) if getitems is not None else [self.dataset[i] for i in items]
         return self.collate_fn(samples)
 
+    def _fit_in_memory(self, plan):
+        """Before the first step at a local batch larger than any seen to fit: probe it on
+        every rank (``memory``); while it does not fit, back off (more micro-batches of the
+        same global batch, or a smaller one without accumulation) and probe again. Every rank
+        runs this at the same step and acts on the same agreed outcome."""
+        j, w, st = self._job, self._world, self.state
+        bound = j.memory_bound
+        for _ in range(64):
+            local = memory.micro_batch_of(plan)
+            if not bound.needs_probe(local):
+                return plan
+            fitted, growth, free = j.parallel._probe_memory(local)
+            old = bound.cap()
+            bound.free = free
+            bound.learn(local, fitted, growth, free if free >= 0 else None)
+            if fitted:
+                return plan
+            bound.back_off(local)
+            self._apply_batch(st.global_batch, st.accum_steps)
+            if w.rank == 0:
+                sys.stderr.write(
+                    f"adaptrun: a local batch of {local} does not fit in {j.memory.describe()} "
+                    f"at step {j.state.step}: the local batch is bounded by {bound.cap()} "
+                    f"(was {old if old is not None else 'unbounded'}); this step runs "
+                    f"{st.global_batch} examples as {st.accum_steps + 1} micro-batches per "
+                    f"rank, and the reports carry the bound to the controller\n")
+            plan = plan_step(len(self.dataset), st.cursor, st.global_batch, w.world_size,
+                             st.accum_steps, st.drop_last)
+            if plan is None:
+                return None
+        return plan
+
     def __len__(self) -> int:
         """Steps left in this epoch at the current configuration (an estimate)."""
         left = len(self.dataset) - self.state.cursor
@@ -189,6 +234,8 @@ class AdaptiveDataLoader:
             j.step_boundary()
             plan = plan_step(len(self.dataset), st.cursor, st.global_batch, w.world_size,
                              st.accum_steps, st.drop_last)
+            if plan is not None and j.parallel is not None and j.memory.active:
+                plan = self._fit_in_memory(plan)
             if plan is None:
                 if st.cursor < len(self.dataset) and st.drop_last:
                     st.cursor = len(self.dataset)      # the dropped remainder

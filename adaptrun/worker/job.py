@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from . import checkpoint, directive
 from . import distributed
+from .memory import DeviceMemory, MemoryBound
 from .distributed import WorldInfo
 from .errors import MissingStateError, NotInitializedError
 from .state import (RNGState, StateRegistry, detached_copy, encode, encode_snapshot,
@@ -69,8 +70,10 @@ class JobState:
 
 
 class Job:
-    def __init__(self, world: WorldInfo):
+    def __init__(self, world: WorldInfo, memory_limit=None):
         self.world = world
+        self.memory = DeviceMemory.for_job(world.device, memory_limit)
+        self.memory_bound = MemoryBound()     # the local batch the device holds (agreed)
         self.registry = StateRegistry()
         self.state = JobState()
         self.parallel = None          # the AdaptiveDataParallel, once built
@@ -123,6 +126,7 @@ class Job:
                 "snapshots (ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR) or start a new job")
         self.registry.register("adaptrun.job", self.state)
         self.registry.register("adaptrun.rng", RNGState())
+        self.registry.register("adaptrun.memory", self.memory_bound)
 
     # ---- step boundary -------------------------------------------------------------
     def step_boundary(self) -> None:
@@ -384,16 +388,18 @@ _job: Job | None = None
 
 
 def init(backend: str | None = None, timeout_s: float | None = None,
-         device: str | None = None) -> WorldInfo:
+         device: str | None = None, memory_limit=None) -> WorldInfo:
     """``adaptrun.init()``: form this worker's world (``distributed.form_world``: the launcher's
     environment, or a world of one alone) and restore the job's newest state into it.
     ``device`` (default ``ADAPTRUN_DEVICE``, else ``cuda:<LOCAL_RANK>`` with a GPU, else
-    ``cpu``) is where the job lives: ``world.device``. Idempotent; returns who this worker is."""
+    ``cpu``) is where the job lives: ``world.device``. ``memory_limit`` (default
+    ``ADAPTRUN_MEMORY_LIMIT``; bytes or "300M", "2G") caps this worker's memory: the local batch
+    stays within it (``memory``). Idempotent; returns who this worker is."""
     if distributed.is_initialized() and _job is not None:
         return distributed.world()
     _die_with_agent()
     world = distributed.form_world(backend, timeout_s, device=device)
-    on_world_formed(world)
+    on_world_formed(world, memory_limit)
     return world
 
 
@@ -417,10 +423,10 @@ def _die_with_agent() -> None:
         os._exit(128 + signal.SIGKILL)
 
 
-def on_world_formed(world: WorldInfo) -> Job:
+def on_world_formed(world: WorldInfo, memory_limit=None) -> Job:
     """Called by ``init()``: create the job context and restore the newest snapshot."""
     global _job
-    _job = Job(world)
+    _job = Job(world, memory_limit)
     _job.restore()
     if threading.current_thread() is threading.main_thread() and world.launched:
         signal.signal(signal.SIGTERM, _job._on_sigterm)

@@ -60,7 +60,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import directive as directive_mod
-from . import distributed, job, reporting
+from . import distributed, job, memory, reporting
 from ..science import efficiency
 from ..science.gns import GNSState, unbiased_estimates
 from ..science.report import Report
@@ -90,7 +90,7 @@ _PLAIN_ATTRS = frozenset({
     "_last_poll", "_offer", "_pending", "_measure_cost", "_step_cost", "lr", "_loss",
     "_loss_sum", "_loss_count",
     "_progress", "gns_every_steps", "_last_times", "_resize_gap_s", "_reform_at",
-    "_generation", "_gns", "_gns_last_step", "_examples"})
+    "_generation", "_gns", "_gns_last_step", "_examples", "_template"})
 
 
 def measuring_cadence(measure_s: float, step_s: float, budget: float = _GNS_BUDGET) -> int:
@@ -183,6 +183,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._step_times: list[float] = []
         self._sync_times: list[float] = []
         self._prev: dict[int, torch.Tensor] = {}     # accumulated grads before this micro-batch
+        self._template = None         # the last forward's inputs (memory probes repeat them)
         self._measure_main = self._measure_cb = 0.0  # this step's seconds measuring (2 threads)
         self._reset_step_stats()
         self._begin_step(None, None)
@@ -263,7 +264,20 @@ class AdaptiveDataParallel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self._plan is None and args and torch.is_tensor(args[0]):
             self._input_batch = int(args[0].shape[0])
+        if self._job.memory.active and args and torch.is_tensor(args[0]) and args[0].dim():
+            self._template = (args, kwargs, int(args[0].shape[0]))   # what a probe repeats
         return self.ddp(*args, **kwargs)
+
+    def _probe_memory(self, local_batch: int) -> tuple[bool, float, float]:
+        """Every rank, at the same step boundary: does a local batch of ``local_batch`` fit?
+        (all fitted, the largest growth in bytes, the least free bytes), the same on every
+        rank (``memory.probe`` and ``memory.agree``)."""
+        self._job.wait_for_copy()
+        mem = self._job.memory
+        fitted, growth = None, 0.0
+        if self._template is not None:
+            fitted, growth = memory.probe(self.ddp.module, self._template, local_batch, mem)
+        return memory.agree(fitted, growth, mem.free(), self._world.world_size)
 
     def no_sync(self):
         return self.ddp.no_sync()

@@ -53,6 +53,24 @@ class Model(torch.nn.Module):
         return x @ self.w
 
 
+class Mlp(Model):
+    """The same linear model through a wide hidden layer: activation memory that grows with
+    the local batch (``--hidden``), for the memory-bound tests."""
+
+    def __init__(self, dim: int, epochs: int, num_samples: int, init: torch.Tensor,
+                 hidden: int):
+        super().__init__(dim, epochs, num_samples, init)
+        g = torch.Generator().manual_seed(3)
+        self.up = torch.nn.Linear(dim, hidden, dtype=torch.float64)
+        self.down = torch.nn.Linear(hidden, 1, dtype=torch.float64)
+        with torch.no_grad():
+            for t in (*self.up.parameters(), *self.down.parameters()):
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.01)
+
+    def forward(self, x):
+        return x @ self.w + self.down(torch.relu(self.up(x))).squeeze(-1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mode", default="train", choices=["gns", "train"])
@@ -79,6 +97,10 @@ def main() -> None:
                    help="start with this many extra micro-batches (a directive to itself)")
     p.add_argument("--exit-code-at-end", type=int, default=0,
                    help="exit with this code after training (a script whose ending fails)")
+    p.add_argument("--hidden", type=int, default=0,
+                   help="a hidden layer this wide beside the linear model (activation memory)")
+    p.add_argument("--grow-to", type=int, default=0,
+                   help="rank 0 asks for this global batch at step 3 (a directive to itself)")
     p.add_argument("--out", default="")
     args = p.parse_args()
 
@@ -86,7 +108,8 @@ def main() -> None:
     out = args.out
     data = LsqData(args.samples, args.dim, args.sigma)
     init = torch.ones(args.dim, dtype=torch.float64) / args.dim ** 0.5  # |d| = 1
-    model = Model(args.dim, args.epochs, args.samples, init)
+    model = (Mlp(args.dim, args.epochs, args.samples, init, args.hidden) if args.hidden
+             else Model(args.dim, args.epochs, args.samples, init))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     rule = adaptrun.science.scaling.rule_by_name(args.rule, args.warmup)
     model = adaptrun.AdaptiveDataParallel(model, opt, scaling_rule=rule,
@@ -132,7 +155,9 @@ def main() -> None:
                         "step": model.step, "epoch": epoch, "global_batch": loader.current_batch_size,
                         "accum": loader.accumulation_steps, "lr": model.lr, "loss": float(loss.detach()),
                         "generation": model.generation, "noise_scale": model.noise_scale,
-                        "lr_factor": model.lr_factor, "t": time.time()}) + "\n")
+                        "lr_factor": model.lr_factor, "t": time.time(),
+                        "local_batch": loader.current_local_batch_size,
+                        "local_batch_max": loader.declared_limits()["local_batch_max"]}) + "\n")
                     log.flush()
                 if args.step_sleep:
                     time.sleep(args.step_sleep)
@@ -142,6 +167,11 @@ def main() -> None:
                             time.sleep(float(pf.read().strip() or 0))
                     except (OSError, ValueError):
                         pass
+            if args.grow_to and loader.is_step_end and model.step == 3 and world.rank == 0 \
+                    and model.generation == 0:
+                from adaptrun.worker.distributed import job_store
+                adaptrun.write_directive(job_store(), adaptrun.Directive(
+                    generation=1, global_batch=args.grow_to, reason="--grow-to"))
             if args.max_steps and model.step >= args.max_steps:
                 break
         if args.max_steps and model.step >= args.max_steps:
