@@ -64,3 +64,34 @@ def test_the_measuring_cadence_keeps_measuring_within_its_budget():
     assert measuring_cadence(0.15e-3, 1.0e-3) == 4
     assert measuring_cadence(0.30e-3, 2.0e-3) == 4
     assert measuring_cadence(2.0e-3, 2.0e-3) == 8
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("nproc,accum", [(2, 0), (1, 1)])
+def test_under_a_grad_scaler_the_statistics_are_of_the_unscaled_gradient(tmp_path, nproc, accum):
+    """torch.amp.GradScaler at 2^16 on two ranks, or one rank with two micro-batches a step
+    (the scaler's step and update, called after every micro-batch as the loop is written, act
+    only on the step's last): the gradients the hooks see are 65,536 times
+    the true ones. |G|^2 (truth |d|^2 = 1) and the noise scale still match the analytic truth,
+    and the step the scaler skips (rank 0's loss is inf at step 100) trains nothing and folds
+    nothing into the averages."""
+    port = harness.free_port()
+    steps = 500
+    args = ["--mode", "gns", "--lr", "0", "--rule", "none", "--dim", str(DIM),
+            "--sigma", str(SIGMA), "--samples", "100000", "--batch", "32", "--epochs", "1",
+            "--max-steps", str(steps), "--gns-decay", "0.995", "--grad-scaler", "65536",
+            "--inf-at-step", "100", "--accum", str(accum), "--out", str(tmp_path)]
+    env = harness.base_env(ADAPTRUN_SNAPSHOT_DIR=tmp_path / "snap", ADAPTRUN_GNS_EVERY=4)
+    log = tmp_path / "torchrun.log"
+    proc = harness.start(harness.torchrun("1", nproc, port, "gns-scaler", args), env, log)
+    try:
+        assert proc.wait(timeout=80) == 0, harness.tail(log)
+    finally:
+        harness.stop(proc)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert abs(result["noise_scale"] - TRUTH) / TRUTH < 0.10, result["noise_scale"]
+    assert abs(result["grad_sqr"] - 1.0) < 0.15, result["grad_sqr"]
+    assert result["gns_updates"] == steps // 4 - 1          # every measured step but the skipped
+    rows = [r for r in harness.read_steps(tmp_path) if r.get("event") == "step" and r["rank"] == 0]
+    assert rows[-1]["examples"] == (steps - 1) * 32          # the skipped step trained nothing
+    assert {r["loss_scale"] for r in rows} == {65536.0, 32768.0}   # halved once, at the skip

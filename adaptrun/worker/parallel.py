@@ -40,6 +40,13 @@ What it does each optimizer step (no extra backward, one tiny extra all-reduce):
   carries; the controller checks its batch moves against it.
 - Rank 0 emits a ``report.Report`` every ``report_every_steps`` (``reporting``).
 
+``grad_scaler=`` (a ``torch.amp.GradScaler``): the statistics are of the unscaled gradient
+(the norms divided by the scale squared in force that step), a step the scaler skips (inf or
+nan found) folds nothing in and trains nothing (its examples are used up, as torch's skip
+does; its agreement still holds), and the scaler's unscale_/step/update act only on a step's
+last micro-batch, as the optimizer's step does. The statistics are in fp32 whatever the
+gradients' dtype (the accumulated gradient a micro-batch is measured against is kept in fp32).
+
 ``ghost_batch_size=N`` turns every BatchNorm into ghost batch norm over virtual batches of N
 examples (``ghost_bn``), so BN statistics do not move when the local batch does.
 
@@ -81,6 +88,7 @@ _GNS_EVERY_MAX = 64        # the most, when measuring is expensive
 _GNS_BUDGET = 0.02         # automatic cadence: measuring costs this fraction of the step time
 _GNS_FLOOR_S = 0.25e-3     # ... or this many seconds per step, where that is more
 _CHUNK = 1 << 18           # elements: a preconditioned norm's scratch stays in cache
+_HALF = (torch.float16, torch.bfloat16)
 
 
 _PLAIN_ATTRS = frozenset({
@@ -118,7 +126,7 @@ class AdaptiveDataParallel(torch.nn.Module):
                  lr_scheduler=None, scaling_rule: ScalingRule | None = None, *,
                  gns_decay: float = 0.99, report_every_steps: int = 10,
                  gns_every_steps: int | None = None, gns_preconditioned: bool = True,
-                 ghost_batch_size: int | None = None, **ddp_kwargs):
+                 ghost_batch_size: int | None = None, grad_scaler=None, **ddp_kwargs):
         world = distributed.world("AdaptiveDataParallel")
         self._job = job.current("AdaptiveDataParallel")
         super().__init__()
@@ -188,6 +196,9 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._reset_step_stats()
         self._begin_step(None, None)
         self._wrap_optimizer(optimizer)
+        self.grad_scaler = grad_scaler
+        if grad_scaler is not None:
+            self._wrap_scaler(grad_scaler)
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step())
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step())
         reg = self._job.registry
@@ -195,6 +206,8 @@ class AdaptiveDataParallel(torch.nn.Module):
         reg.register("optimizer", optimizer)
         if lr_scheduler is not None:
             reg.register("lr_scheduler", lr_scheduler)
+        if grad_scaler is not None:
+            reg.register("grad_scaler", grad_scaler)
         reg.register("adaptrun.parallel", self._State(self))
         self._job.parallel = self
 
@@ -225,6 +238,20 @@ class AdaptiveDataParallel(torch.nn.Module):
 
         optimizer.step = adaptive_step
         optimizer.zero_grad = adaptive_zero_grad
+
+    def _wrap_scaler(self, scaler) -> None:
+        """The GradScaler's unscale_, step and update only on a step's last micro-batch: the
+        gradient accumulates at one scale, and the loop stays the same under accumulation."""
+        for name in ("unscale_", "step", "update"):
+            original = getattr(scaler, name)
+
+            def at_step_end(*args, _original=original, **kwargs):
+                loader = self._job.loader
+                if loader is not None and self._plan is not None and not loader.is_step_end:
+                    return None
+                return _original(*args, **kwargs)
+
+            setattr(scaler, name, functools.wraps(original)(at_step_end))
 
     def _rebuild(self) -> None:
         """After an in-process re-form: DDP over the new process group, per-world caches
@@ -437,7 +464,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         scratch = None
         for p, g in zip(params, grads):
             g = g.reshape(-1)
-            if g.dtype in (torch.float16, torch.bfloat16):
+            if g.dtype in _HALF:
                 g = g.float()
             w = pre.get(id(p))
             if w is None or w[0].numel() != g.numel():
@@ -475,7 +502,10 @@ class AdaptiveDataParallel(torch.nn.Module):
                         continue
                     prev = self._prev.get(id(p))
                     if prev is None or prev.shape != g.shape:
-                        prev = self._prev[id(p)] = torch.zeros_like(g)
+                        # fp32 under half precision: a micro-batch's gradient is a difference
+                        # of accumulated sums, which half precision would round away.
+                        prev = self._prev[id(p)] = torch.zeros_like(
+                            g, dtype=torch.float32 if g.dtype in _HALF else g.dtype)
                     own = g if first else torch.sub(g, prev)
                     self._small_sum = self._small_sum + self._sqr_norm([own], [p], pre)
                     prev.copy_(g)
@@ -568,8 +598,10 @@ class AdaptiveDataParallel(torch.nn.Module):
             dt = self._step_times[-1]
             self._step_cost = dt if self._step_cost is None else 0.9 * self._step_cost + 0.1 * dt
 
-    def _before_step(self) -> None:
-        self._job.wait_for_copy()               # a snapshot still copying what step changes
+    def _take_agreement(self) -> tuple[float, float]:
+        """Wait for this step's agreement (launched behind the last gradient bucket, or
+        summed now) and act on what every rank learns from it: the cadence, a directive, a
+        SIGTERM. Returns the summed small-batch norms and their count."""
         world = self._world
         if self._agreed is not None:            # launched behind the last gradient bucket
             vec, work = self._agreed
@@ -580,8 +612,6 @@ class AdaptiveDataParallel(torch.nn.Module):
             if world.world_size > 1:
                 dist.all_reduce(vec)
         small_sum, small_count, term, cadence = (float(x) for x in vec[:4])
-        # The averaged gradient is the same on every rank: its norm needs no reduction.
-        big_sqr = float(self._big_sqr)
         if cadence >= 1:                         # from the next step, the same on every rank
             self.gns_every_steps = int(cadence)
         offered = directive_mod.from_vector(vec[4:])
@@ -589,8 +619,26 @@ class AdaptiveDataParallel(torch.nn.Module):
             self._pending = offered
         if term > 0:
             self._job.stop_agreed = True
+        return small_sum, small_count
+
+    def _loss_scale_sq(self) -> float:
+        """S^2 of the GradScaler's scale S in force this step (1 without one): the gradients
+        the statistics saw were S times the true ones."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale()) ** 2
+
+    def _before_step(self) -> None:
+        self._job.wait_for_copy()               # a snapshot still copying what step changes
+        world = self._world
+        small_sum, small_count = self._take_agreement()
+        # The averaged gradient is the same on every rank: its norm needs no reduction.
+        big_sqr = float(self._big_sqr)
         plan = self._plan
         if self._stats_on and small_count > 0:
+            s2 = self._loss_scale_sq()            # the norms of the unscaled gradient
+            small_sum, big_sqr = small_sum / s2, big_sqr / s2
             if plan is not None:
                 b_big = plan.size
                 b_small = plan.size / (plan.world_size * plan.micro_batches)
@@ -693,6 +741,11 @@ class AdaptiveDataParallel(torch.nn.Module):
 
     # ---- step boundary (called by job) -------------------------------------------
     def _at_boundary(self) -> None:
+        if self._agreed is not None:
+            # The last step never reached optimizer.step() (a GradScaler found inf and
+            # skipped it): what its agreement carried still holds, its statistics do not.
+            self._take_agreement()
+            self._reset_step_stats()
         d = self._pending
         if d is not None and d.generation > self._generation:
             self._pending = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -101,6 +102,10 @@ def main() -> None:
                    help="a hidden layer this wide beside the linear model (activation memory)")
     p.add_argument("--grow-to", type=int, default=0,
                    help="rank 0 asks for this global batch at step 3 (a directive to itself)")
+    p.add_argument("--grad-scaler", type=float, default=0.0,
+                   help="train under torch.amp.GradScaler with this initial scale")
+    p.add_argument("--inf-at-step", type=int, default=-1,
+                   help="with --grad-scaler: rank 0's loss is inf at this step (the scaler skips)")
     p.add_argument("--out", default="")
     args = p.parse_args()
 
@@ -112,8 +117,11 @@ def main() -> None:
              else Model(args.dim, args.epochs, args.samples, init))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     rule = adaptrun.science.scaling.rule_by_name(args.rule, args.warmup)
+    scaler = (torch.amp.GradScaler("cpu", init_scale=args.grad_scaler, growth_interval=10 ** 6)
+              if args.grad_scaler else None)
     model = adaptrun.AdaptiveDataParallel(model, opt, scaling_rule=rule,
-                                          gns_decay=args.gns_decay, report_every_steps=5)
+                                          gns_decay=args.gns_decay, report_every_steps=5,
+                                          grad_scaler=scaler)
     loader = adaptrun.AdaptiveDataLoader(data, batch_size=args.batch, shuffle=True,
                                          collate_fn=lambda b: b)
     loader.autoscale_batch_size(args.samples, accumulation=True)
@@ -140,14 +148,22 @@ def main() -> None:
                            * (world.world_size ** 2 if args.crowd else 1))
             opt.zero_grad()
             loss = 0.5 * (model(x) - y).pow(2).mean()
-            loss.backward()
+            if scaler is None:
+                loss.backward()
+            else:
+                blow_up = model.step == args.inf_at_step and world.rank == 0
+                scaler.scale(loss * (math.inf if blow_up else 1.0)).backward()
             if loader.is_step_end:
                 if world.world_size > 1:
                     dist.all_reduce(step_counts)
                 model.module.counts[epoch] += step_counts
                 step_counts.zero_()
                 model.record_loss(loss)
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             if loader.is_step_end:
                 if log:
                     log.write(json.dumps({
@@ -157,7 +173,9 @@ def main() -> None:
                         "generation": model.generation, "noise_scale": model.noise_scale,
                         "lr_factor": model.lr_factor, "t": time.time(),
                         "local_batch": loader.current_local_batch_size,
-                        "local_batch_max": loader.declared_limits()["local_batch_max"]}) + "\n")
+                        "local_batch_max": loader.declared_limits()["local_batch_max"],
+                        "examples": model.examples,
+                        "loss_scale": scaler.get_scale() if scaler else 1.0}) + "\n")
                     log.flush()
                 if args.step_sleep:
                     time.sleep(args.step_sleep)
@@ -178,7 +196,7 @@ def main() -> None:
             break
     if world.rank == 0 and out:
         with open(os.path.join(out, "result.json"), "w") as f:
-            json.dump({"noise_scale": model.noise_scale, "gns_every_steps": model.gns_every_steps, "grad_sqr": model.grad_sqr,
+            json.dump({"noise_scale": model.noise_scale, "gns_updates": model._gns.updates, "gns_every_steps": model.gns_every_steps, "grad_sqr": model.grad_sqr,
                        "w_err": float((model.module.w.detach() - data.w_star).norm()),
                        "trace_sigma": model.grad_var * loader.state.init_batch,
                        "step": model.step, "world": world.world_size, "restored": restored,
