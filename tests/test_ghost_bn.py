@@ -161,3 +161,18 @@ def test_without_running_stats_and_without_affine():
     for g_in, g_out in zip(x.split(2), y.split(2)):
         torch.testing.assert_close(g_out, nn.functional.batch_norm(
             g_in, None, None, None, None, True, 0.0, ghost.eps))
+
+
+def test_running_statistics_stay_finite_on_half_precision_inputs():
+    """Under fp16 autocast the activations reaching BN are fp16: ghost sums of var * n pass
+    fp16's 65504 at a few hundred examples. They are taken in fp32: the running statistics
+    match those of the same inputs in fp32."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, 4) * 10 + 3                  # var ~100: var * 1024 > 65504
+    ref = GhostBatchNorm(4, 1024)
+    ref(x)
+    half = GhostBatchNorm(4, 1024)
+    half(x.half())
+    assert torch.isfinite(half.running_var).all()
+    torch.testing.assert_close(half.running_var, ref.running_var, rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(half.running_mean, ref.running_mean, rtol=2e-3, atol=1e-3)

@@ -90,6 +90,8 @@ class GhostBatchNorm(_BatchNorm):
         total, mean_sum, ss_within, dof = 0, 0.0, 0.0, 0
         for c in chunks:
             var, mean = torch.var_mean(c.detach(), dim=dims, correction=0)
+            # fp32 sums: in fp16 (autocast) var * n passes 65504 at a few hundred examples.
+            var, mean = var.float(), mean.float()
             n = c.numel() // c.shape[1]
             total += n
             mean_sum = mean_sum + mean * n
