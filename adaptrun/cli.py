@@ -630,9 +630,12 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
                                       "allow_interspersed_args": False})
 @click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-workers", type=click.IntRange(min=1), default=None,
-              help="Default: the CPUs of this machine.")
-@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Workers per agent (one agent plays one node).")
+              help="Default: the GPUs of this machine, else its CPUs.")
+@click.option("--nproc-per-node", default="1", show_default=True, metavar="N|gpu",
+              callback=_nproc_per_node,
+              help="Workers per agent (one agent plays one node); gpu: one agent with one "
+                   "worker per GPU. With GPUs each agent gets its own in "
+                   "CUDA_VISIBLE_DEVICES.")
 @click.option("--job", "job_id", default="local", show_default=True)
 @_batch_caps
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
@@ -670,8 +673,15 @@ def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, ma
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = tuple(command[1:] if command and command[0] == "--" else command)
+    from adaptrun.worker.distributed import visible_gpu_ids
+    gpus = visible_gpu_ids() if backend == "local" else ()
+    if nproc_per_node == "gpu":
+        if not gpus:
+            raise UsageProblem("--nproc-per-node gpu: this machine has no visible GPUs; give a "
+                               "number of workers instead")
+        nproc_per_node = min_workers = max_workers = len(gpus)
     if max_workers is None:
-        max_workers = max(min_workers, os.cpu_count() or 1)
+        max_workers = max(min_workers, len(gpus) or os.cpu_count() or 1)
 
     from adaptrun.controller.actuators import ActuatorError
     from adaptrun.controller.local_run import LocalRun, RunConfig
@@ -685,7 +695,7 @@ def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, ma
                            port=port, metrics_port=metrics_port,
                            policy_interval_s=policy_interval_s, resize_cost_s=resize_cost_s,
                            log_dir=pathlib.Path(log_dir), backend=backend,
-                           ray_address=ray_address).validate()
+                           ray_address=ray_address, gpus=gpus).validate()
         if ray_address and backend != "ray":
             raise ValueError("--ray-address is an option of --backend ray")
     except ValueError as exc:

@@ -51,6 +51,7 @@ class RunConfig:
     log_dir: Path = field(default_factory=lambda: Path("adaptrun-logs"))
     backend: str = "local"           # what runs the agents: "local" processes or "ray" actors
     ray_address: str | None = None   # ray: None starts a local Ray instance for the run
+    gpus: tuple[str, ...] = ()       # GPU ids the agents share out (CUDA_VISIBLE_DEVICES)
 
     def validate(self) -> "RunConfig":
         if self.backend not in ("local", "ray"):
@@ -64,6 +65,11 @@ class RunConfig:
         if self.min_workers % self.nproc_per_node or self.max_workers % self.nproc_per_node:
             raise ValueError(f"--min-workers and --max-workers must be multiples of "
                              f"--nproc-per-node {self.nproc_per_node}")
+        if self.gpus and self.max_workers > len(self.gpus):
+            raise ValueError(
+                f"--max-workers {self.max_workers} is more than the {len(self.gpus)} GPUs of "
+                f"this machine ({','.join(self.gpus)}): one worker per GPU; lower --max-workers, "
+                "or set ADAPTRUN_DEVICE=cpu to train on the CPU")
         return self
 
 
@@ -127,7 +133,7 @@ class LocalRun:
                                address=c.ray_address, log_dir=c.log_dir,
                                local_num_cpus=max(os.cpu_count() or 1, c.max_workers)).connect()
         return LocalActuator(agent_command=self._agent_argv, nproc_per_node=c.nproc_per_node,
-                             log_dir=c.log_dir)
+                             log_dir=c.log_dir, gpus=c.gpus)
 
     def _agent_argv(self, job_id: str, node: str) -> list[str]:
         c = self.config

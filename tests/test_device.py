@@ -223,3 +223,44 @@ def test_gpu_check_skips_its_cuda_checks_without_cuda():
     skipped = [line for line in proc.stdout.splitlines() if line.startswith("SKIP ")]
     assert len(skipped) == 5 and all("no CUDA device" in line for line in skipped), proc.stdout
     assert "skipped all 5 CUDA checks" in proc.stdout
+
+
+def test_local_agents_each_get_their_own_gpus_and_no_more_agents_than_gpus(tmp_path):
+    """`adaptrun run` on a GPU machine: the local actuator gives each agent it starts the next
+    free GPUs in CUDA_VISIBLE_DEVICES (the ids are strings here: no GPU is touched), and an
+    agent beyond them is one clear error."""
+    import time
+    from adaptrun.controller.actuators.base import ActuatorError
+    from adaptrun.controller.actuators.local import LocalActuator
+    from adaptrun.controller.local_run import RunConfig
+
+    show = [sys.executable, "-c", "import os, time; print('GPUS=' + "
+            "os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(60)"]
+    act = LocalActuator(agent_command=show, nproc_per_node=1, log_dir=tmp_path,
+                        gpus=["3", "5"], stop_grace_s=2)
+    try:
+        act.set_workers("j", 2)
+        with pytest.raises(ActuatorError, match="lower --max-workers"):
+            act.set_workers("j", 3)
+        deadline = time.monotonic() + 30
+        seen: set = set()
+        while time.monotonic() < deadline and len(seen) < 2:
+            seen = {line for f in tmp_path.glob("agent-*.log")
+                    for line in f.read_text().split() if line.startswith("GPUS=")}
+            time.sleep(0.1)
+        assert seen == {"GPUS=3", "GPUS=5"}
+        first = act.agents("j")[0][1]
+        first.kill()                                 # its GPU is free again for the next
+        first.wait(timeout=10)
+        freed = "GPUS=" + next(line[5:] for line in (tmp_path / "agent-j-n0.log").read_text()
+                               .split() if line.startswith("GPUS="))
+        act.set_workers("j", 2)
+        assert len([p for _, p in act.agents("j") if p.poll() is None]) == 2
+        log = tmp_path / f"agent-{act.agents('j')[-1][0]}.log"
+        while time.monotonic() < deadline and "GPUS=" not in log.read_text():
+            time.sleep(0.1)
+        assert freed in log.read_text().split()
+    finally:
+        act.close()
+    with pytest.raises(ValueError, match="more than the 2 GPUs"):
+        RunConfig(command=("python", "x.py"), max_workers=3, gpus=("0", "1")).validate()

@@ -99,6 +99,17 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def visible_gpu_ids() -> tuple[str, ...]:
+    """The ids of the GPUs this process may hand out (``CUDA_VISIBLE_DEVICES``'s entries, else
+    0..n-1); none where ``ADAPTRUN_DEVICE=cpu`` or without CUDA."""
+    if os.environ.get("ADAPTRUN_DEVICE", "").strip().lower() == "cpu":
+        return ()
+    n = visible_gpus()
+    seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x.strip() for x in seen.split(",") if x.strip()] if seen is not None else []
+    return tuple(ids[:n]) if seen is not None else tuple(str(i) for i in range(n))
+
+
 def resolve_device(device: str | None, local_rank: int, gpus: int | None = None) -> str:
     """The job's device for the worker of ``local_rank`` on a host with ``gpus`` visible GPUs
     (default: as torch sees them): ``device``, else ``ADAPTRUN_DEVICE``, else

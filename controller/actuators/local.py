@@ -14,6 +14,10 @@ in ``<log_dir>/agent-<node>.log``.
   and join the job's next rendezvous round.
 - Scale-down: it stops nothing. The directive makes the agents beyond the new node count
   leave by themselves after their workers saved (exit 0); a reaper thread collects them.
+- GPUs (``gpus``: the device ids this machine lends the job): each agent gets its own
+  ``nproc_per_node`` of them in ``CUDA_VISIBLE_DEVICES``, the first ones no live agent of
+  the job holds, so local rank i trains on the i-th of its own. An agent that would find none
+  left is not started (ActuatorError: more workers than GPUs).
 - ``close()`` stops every agent it started (SIGTERM to its group, SIGKILL after a grace).
 It counts only the agents it started: the first agents of a job are started through it too
 (``set_workers(job, n)``) when it should manage the job from the start. A scale-up that comes
@@ -44,12 +48,14 @@ class LocalActuator(CountingActuator):
     def __init__(self, on_change: OnChange | None = None,
                  agent_command: AgentCommand | None = None, nproc_per_node: int = 1,
                  log_dir: str | os.PathLike | None = None, env: dict | None = None,
-                 stop_grace_s: float = 10.0):
+                 stop_grace_s: float = 10.0, gpus: list[str] | tuple[str, ...] | None = None):
         super().__init__(on_change)
         self._agent_command = agent_command
         self.nproc_per_node = max(1, int(nproc_per_node))
         self._log_dir = Path(log_dir) if log_dir else None
         self._env = env
+        self.gpus = tuple(str(g) for g in gpus) if gpus else ()
+        self._held: dict[int, tuple[str, ...]] = {}     # agent pid -> its GPUs
         self.stop_grace_s = stop_grace_s
         self._agents: dict[str, list[tuple[str, subprocess.Popen]]] = {}
         self._started: dict[str, int] = {}
@@ -88,11 +94,17 @@ class LocalActuator(CountingActuator):
             log_dir = self._log_dir or Path(tempfile.gettempdir()) / f"adaptrun-agents-{job_id}"
             log_dir.mkdir(parents=True, exist_ok=True)
             path = log_dir / f"agent-{node}.log"
+            env, gpus = self._env, self._free_gpus()
+            if self.gpus:
+                env = {**(self._env if self._env is not None else os.environ),
+                       "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
             try:
                 with open(path, "ab") as out:
                     proc = subprocess.Popen(self._argv(job_id, node), stdout=out,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self._env, start_new_session=True)
+                                            env=env, start_new_session=True)
+                if gpus:
+                    self._held[proc.pid] = gpus
             except OSError as exc:
                 raise ActuatorError(f"cannot start an agent for job {job_id!r}: {exc}; check "
                                     f"the agent command") from None
@@ -100,6 +112,23 @@ class LocalActuator(CountingActuator):
             with self._lock:
                 self._agents.setdefault(job_id, []).append((node, proc))
             self._ensure_reaper()
+
+    def _free_gpus(self) -> tuple[str, ...]:
+        """The next agent's GPUs: the first ``nproc_per_node`` that no live agent holds."""
+        if not self.gpus:
+            return ()
+        with self._lock:
+            live = {p.pid for lst in self._agents.values() for _, p in lst if p.poll() is None}
+            for pid in [pid for pid in self._held if pid not in live]:
+                del self._held[pid]
+            held = {g for gs in self._held.values() for g in gs}
+        free = [g for g in self.gpus if g not in held]
+        if len(free) < self.nproc_per_node:
+            raise ActuatorError(
+                f"no GPUs left for another agent: {len(self.gpus)} GPUs "
+                f"({','.join(self.gpus)}), {len(held)} held by live agents, "
+                f"{self.nproc_per_node} per agent; lower --max-workers to the GPUs there are")
+        return tuple(free[:self.nproc_per_node])
 
     def _ensure_reaper(self) -> None:
         with self._lock:
