@@ -10,8 +10,12 @@ Every check runs in a fresh process of this script (``--child``), a world of one
   (x ~ N(0, I_n), y = x.w* + sigma eps, frozen at w = w* + d, |d| = 1:
   B_noise = (n + 1) + n sigma^2 / |d|^2; ``tests/test_worker_gns.py``), one replica with 4
   micro-batches per step (accumulation: the micro-batch gradients are the small-batch
-  estimate), the forward in fp32 and under bf16 autocast. Passes within 10 % (fp32) and
-  15 % (bf16) of the truth after 1500 steps.
+  estimate), the forward in fp32, under bf16 autocast, and under fp16 autocast with a
+  ``GradScaler`` at 2^16 (``grad_scaler=``: the statistics of the unscaled gradient). Passes
+  within 10 % (fp32) and 15 % (bf16, fp16) of the truth after 1500 steps.
+- ``oom-backoff``: an MLP 256-16384-1 under a 1 GiB cap (``ADAPTRUN_MEMORY_LIMIT``), asked at
+  step 3 for a local batch of 16384 (about 3 GiB of activations): the probe runs out, the
+  batch backs off into micro-batches within the bound, and every example is trained once.
 - ``snapshot-async``, ``snapshot-sync``: an MLP with SGD + momentum on cuda:0 writes periodic
   snapshots (``ADAPTRUN_SNAPSHOT_ASYNC`` 1 and 0); a new process restores the newest onto
   cuda:0, and another with ``CUDA_VISIBLE_DEVICES=""`` onto the CPU. Passes when both restore
@@ -37,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERHEAD = ROOT / "benchmarks" / "overhead.py"
 BUDGET_S = 280.0                  # every check together, under the 5 minutes
 DIM, SIGMA, GNS_STEPS, GNS_BATCH, GNS_ACCUM = 8, 1.0, 1500, 64, 3
-TOLERANCE = {"fp32": 0.10, "bf16": 0.15}
+TOLERANCE = {"fp32": 0.10, "bf16": 0.15, "fp16": 0.15}
+OOM_CAP, OOM_WIDTH, OOM_SAMPLES, OOM_B0, OOM_ASK = "1G", 16384, 32768, 256, 16384
 SNAP_EVERY, SNAP_STEPS = 5, 12    # the newest snapshot is of step 10
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                 "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
@@ -96,25 +101,34 @@ def child_gns(args) -> dict:
             return x @ self.w
     net = Lsq()
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    scaler = (torch.amp.GradScaler("cuda", init_scale=2.0 ** 16, growth_interval=10 ** 6)
+              if args.dtype == "fp16" else None)
     model = adaptrun.AdaptiveDataParallel(net, opt, scaling_rule=adaptrun.scaling.NoScale(),
-                                          gns_decay=0.995)
+                                          gns_decay=0.995, grad_scaler=scaler)
     loader = adaptrun.AdaptiveDataLoader(_lsq_data(2 * GNS_STEPS * GNS_BATCH),
                                          batch_size=GNS_BATCH, shuffle=True,
                                          collate_fn=lambda b: b)
     loader.autoscale_batch_size(GNS_BATCH, accumulation=True)
     adaptrun.write_directive(job_store(), adaptrun.Directive(
         generation=1, global_batch=GNS_BATCH, accum_steps=GNS_ACCUM, reason="gpu_check"))
-    amp = args.dtype == "bf16"
+    amp = args.dtype in ("bf16", "fp16")
+    half = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    scaler = model.grad_scaler
     t0 = time.perf_counter()
     for _ in adaptrun.remaining_epochs(1):
         for x, y in loader:
             x, y = x.to(dev), y.to(dev)
             opt.zero_grad()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(dev.type, dtype=half, enabled=amp):
                 pred = model(x)
             loss = 0.5 * (pred.float() - y).pow(2).mean()
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             if model.step >= GNS_STEPS:
                 break
         break
@@ -126,6 +140,44 @@ def child_gns(args) -> dict:
     return {"noise_scale": model.noise_scale, "truth": truth, "steps": model.step,
             "accum_steps": loader.accumulation_steps, "seconds": seconds,
             "device": world.device, "backend": world.backend}
+
+
+def child_oom(args) -> dict:
+    import torch
+
+    import adaptrun
+    from adaptrun.worker.distributed import job_store
+
+    world = adaptrun.init(device=args.device)
+    _check_world(world)
+    dev = torch.device(world.device)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, OOM_WIDTH), torch.nn.ReLU(),
+                              torch.nn.Linear(OOM_WIDTH, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    model = adaptrun.AdaptiveDataParallel(net, opt)
+    data = torch.utils.data.TensorDataset(torch.randn(OOM_SAMPLES, 256), torch.randn(OOM_SAMPLES),
+                                          torch.arange(OOM_SAMPLES))
+    loader = adaptrun.AdaptiveDataLoader(data, batch_size=OOM_B0, shuffle=True)
+    loader.autoscale_batch_size(OOM_ASK, accumulation=True)
+    seen = torch.zeros(OOM_SAMPLES, dtype=torch.int64)
+    rows = []
+    for _ in adaptrun.remaining_epochs(1):
+        for x, y, idx in loader:
+            seen.index_add_(0, loader.current_indices, torch.ones_like(loader.current_indices))
+            opt.zero_grad()
+            loss = (model(x.to(dev)).squeeze(-1) - y.to(dev)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            if loader.is_step_end:
+                rows.append((model.step, loader.current_batch_size,
+                             loader.current_local_batch_size,
+                             loader.declared_limits()["local_batch_max"]))
+                if model.step == 3:
+                    adaptrun.write_directive(job_store(), adaptrun.Directive(
+                        generation=1, global_batch=OOM_ASK, reason="gpu_check"))
+    return {"rows": rows, "seen_once": bool((seen == 1).all()), "device": world.device,
+            "peak_gib": (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0) / 2 ** 30}
 
 
 def _mlp(dev):
@@ -183,7 +235,7 @@ def child_restore(args) -> dict:
             "params": [p.detach().cpu().flatten().tolist() for p in net.parameters()]}
 
 
-CHILDREN = {"gns": child_gns, "save": child_save, "restore": child_restore}
+CHILDREN = {"gns": child_gns, "save": child_save, "restore": child_restore, "oom": child_oom}
 
 
 # ---- the parent ---------------------------------------------------------------------------
@@ -254,6 +306,17 @@ class Checks:
                          f"{'identical' if same else 'DIFFERENT'}")
         return ok, f"written on {saved['device']}; " + "; ".join(parts)
 
+    def oom(self):
+        r = self.child("oom", ADAPTRUN_MEMORY_LIMIT=OOM_CAP)
+        grown = [row for row in r["rows"] if row[1] == OOM_ASK]
+        ok = bool(grown) and r["seen_once"] and all(0 < row[2] <= row[3] < OOM_ASK
+                                                    for row in grown)
+        last = grown[-1] if grown else None
+        return ok, (f"asked for {OOM_ASK} per micro-batch under {OOM_CAP}: "
+                    + (f"ran {last[1]} as micro-batches of {last[2]} (bound {last[3]}), "
+                       if last else "never grew, ")
+                    + f"every example once: {r['seen_once']}, peak {r['peak_gib']:.2f} GiB")
+
     def overhead(self):
         help_text = subprocess.run([sys.executable, str(OVERHEAD), "--help"], cwd=ROOT,
                                    capture_output=True, text=True, timeout=60).stdout
@@ -269,6 +332,8 @@ class Checks:
 CHECKS = [
     ("gns-fp32", "noise scale against the analytic truth, one replica with accumulation, fp32"),
     ("gns-bf16", "the same under bf16 autocast"),
+    ("gns-fp16", "the same under fp16 autocast with a GradScaler at 2^16"),
+    ("oom-backoff", "a local batch past a 1 GiB cap backs off, every example once"),
     ("snapshot-async", "asynchronous snapshot of a CUDA model, restored on cuda:0 and with "
                        "CUDA_VISIBLE_DEVICES=\"\""),
     ("snapshot-sync", "the same with synchronous snapshots"),
@@ -304,6 +369,8 @@ def main() -> None:
         checks = Checks(Path(tmp))
         checks.run("gns-fp32", lambda: checks.gns("fp32"))
         checks.run("gns-bf16", lambda: checks.gns("bf16"))
+        checks.run("gns-fp16", lambda: checks.gns("fp16"))
+        checks.run("oom-backoff", checks.oom)
         checks.run("snapshot-async", lambda: checks.snapshot(True))
         checks.run("snapshot-sync", lambda: checks.snapshot(False))
         try:
