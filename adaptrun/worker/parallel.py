@@ -93,6 +93,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 _PLAIN_ATTRS = frozenset({
     "_small_sum", "_small_count", "_micro_seen", "_big_sqr", "_pre", "_sync_start",
+    "_sync_events",
     "_sync_end", "_measure_main", "_measure_cb", "_plan", "_input_batch", "_micro_batches",
     "_weight", "_stats_on", "_agreed", "_gain", "_lr_factor", "_user_lrs", "_t_last_step",
     "_last_poll", "_offer", "_pending", "_measure_cost", "_step_cost", "lr", "_loss",
@@ -190,6 +191,10 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._resize_gap_s = math.nan    # measured by the job after a planned re-form
         self._step_times: list[float] = []
         self._sync_times: list[float] = []
+        # CUDA: (start, end) events of each step's all-reduces, read at the report. NCCL's
+        # future completes when the collective is enqueued: host clocks would time launches.
+        self._cuda_timing = torch.device(world.device).type == "cuda"
+        self._sync_events: list = []
         self._prev: dict[int, torch.Tensor] = {}     # accumulated grads before this micro-batch
         self._template = None         # the last forward's inputs (memory probes repeat them)
         self._measure_main = self._measure_cb = 0.0  # this step's seconds measuring (2 threads)
@@ -266,6 +271,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._prev.clear()
         self._step_times.clear()
         self._sync_times.clear()
+        self._sync_events.clear()
         self._t_last_step = None
         self._offer = self._pending = self._reform_at = None
         self._last_poll = 0.0
@@ -458,30 +464,35 @@ class AdaptiveDataParallel(torch.nn.Module):
     @staticmethod
     def _sqr_norm(grads, params, pre: dict) -> torch.Tensor:
         """sum over parameters of |g|^2, or |g / (sqrt(v / bias2) + floor)|^2 where the
-        optimizer keeps v: plain dot products, the preconditioned ones in cache-sized chunks
-        (their temporaries never grow with the model). No host sync."""
+        optimizer keeps v: the plain ones with one ``torch._foreach_norm`` per dtype and
+        device (fp32 for half-precision gradients), the preconditioned ones in cache-sized
+        chunks (their temporaries never grow with the model). No host sync."""
         total = None
         scratch = None
+        plain: dict[tuple, list] = {}
         for p, g in zip(params, grads):
             g = g.reshape(-1)
-            if g.dtype in _HALF:
-                g = g.float()
             w = pre.get(id(p))
             if w is None or w[0].numel() != g.numel():
-                part = torch.dot(g, g)
-            else:
-                v, bias2, floor = w
-                part = None
-                if scratch is None or scratch.dtype != v.dtype or scratch.device != v.device:
-                    scratch = torch.empty(_CHUNK, dtype=v.dtype, device=v.device)
-                for gs, vs in zip(g.split(_CHUNK), v.split(_CHUNK)):
-                    d = scratch[:gs.numel()]
-                    torch.div(vs, bias2, out=d).sqrt_().add_(floor)
-                    torch.div(gs, d, out=d)
-                    dd = torch.dot(d, d)
-                    part = dd if part is None else part + dd
-                if part is None:
-                    continue
+                plain.setdefault((g.dtype, g.device), []).append(g)
+                continue
+            if g.dtype in _HALF:
+                g = g.float()
+            v, bias2, floor = w
+            part = None
+            if scratch is None or scratch.dtype != v.dtype or scratch.device != v.device:
+                scratch = torch.empty(_CHUNK, dtype=v.dtype, device=v.device)
+            for gs, vs in zip(g.split(_CHUNK), v.split(_CHUNK)):
+                d = scratch[:gs.numel()]
+                torch.div(vs, bias2, out=d).sqrt_().add_(floor)
+                torch.div(gs, d, out=d)
+                dd = torch.dot(d, d)
+                part = dd if part is None else part + dd
+            if part is not None:
+                total = part if total is None else total + part
+        for (dtype, _device), group in plain.items():
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32 if dtype in _HALF else None)
+            part = torch.stack(norms).square().sum()
             total = part if total is None else total + part
         return total if total is not None else torch.zeros(())
 
@@ -517,6 +528,9 @@ class AdaptiveDataParallel(torch.nn.Module):
         buf = bucket.buffer()
         if self._sync_start is None:
             self._sync_start = time.perf_counter()
+            if self._cuda_timing:
+                self._sync_start = torch.cuda.Event(enable_timing=True)
+                self._sync_start.record()
         stats = self._stats_on
         if stats:
             t0 = time.perf_counter()
@@ -551,7 +565,11 @@ class AdaptiveDataParallel(torch.nn.Module):
                     self._big_sqr = self._big_sqr + self._sqr_norm(
                         parts, params if len(parts) == len(params) else [None], pre)
                 self._measure_cb += time.perf_counter() - t0
-            self._sync_end = time.perf_counter()
+            if self._cuda_timing:            # on the stream that waits for the all-reduce
+                self._sync_end = torch.cuda.Event(enable_timing=True)
+                self._sync_end.record()
+            else:
+                self._sync_end = time.perf_counter()
             return reduced
 
         return fut.then(done)
@@ -664,8 +682,12 @@ class AdaptiveDataParallel(torch.nn.Module):
         self._user_lrs = [g["lr"] for g in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
             g["lr"] = g["lr"] * self._lr_factor
-        if self._sync_start is not None and self._sync_end is not None:
-            self._sync_times.append(max(0.0, self._sync_end - self._sync_start))
+        # Rank 0 reports the times; the other ranks keep none (they would pile up).
+        if self._world.rank == 0 and self._sync_start is not None and self._sync_end is not None:
+            if self._cuda_timing:
+                self._sync_events.append((self._sync_start, self._sync_end))
+            else:
+                self._sync_times.append(max(0.0, self._sync_end - self._sync_start))
 
     def _after_step(self) -> None:
         self.lr = self.optimizer.param_groups[0]["lr"]
@@ -680,7 +702,7 @@ class AdaptiveDataParallel(torch.nn.Module):
         if self._job.loader is not None:
             self._job.loader._commit_in_flight(stepped=True)
         now = time.monotonic()
-        if self._t_last_step is not None:
+        if self._t_last_step is not None and self._world.rank == 0:
             self._step_times.append(now - self._t_last_step)
         self._t_last_step = now
         self._time_measuring(self._stats_on)
@@ -690,6 +712,11 @@ class AdaptiveDataParallel(torch.nn.Module):
             self._report()
 
     def _report(self) -> None:
+        if self._sync_events:                    # one host sync per report, not per step
+            self._sync_events[-1][1].synchronize()
+            self._sync_times.extend(max(0.0, a.elapsed_time(b) / 1000.0)
+                                    for a, b in self._sync_events)
+            self._sync_events.clear()
         if self._step_times:
             step_time = sum(self._step_times) / len(self._step_times)
             sync_time = (sum(self._sync_times) / len(self._sync_times)) if self._sync_times else 0.0
