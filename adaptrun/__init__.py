@@ -28,6 +28,10 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "init": "worker.job",
     "WorldInfo": "worker.distributed",
+    "world": "worker.contract",
+    "World": "worker.contract",
+    "on_reform": "worker.contract",
+    "StaleWorldError": "worker.errors",
     "AdaptiveDataParallel": "worker.parallel",
     "AdaptiveDataLoader": "worker.data",
     "remaining_epochs": "worker.epochs",

@@ -14,6 +14,7 @@ __all__ = [
     "StateRegistryError",
     "MissingStateError",
     "DeviceConfigError",
+    "StaleWorldError",
 ]
 
 
@@ -49,3 +50,8 @@ class MissingStateError(AdaptrunError):
 class DeviceConfigError(AdaptrunError, ValueError):
     """A device this host cannot give the worker: a GPU asked for where none is visible, or
     more workers on a node than it has visible GPUs."""
+
+
+class StaleWorldError(AdaptrunError):
+    """A process group of a world that has since been re-formed was used: read
+    ``adaptrun.world()`` where the rank or world size is used."""

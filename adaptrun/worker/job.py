@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, directive
+from . import checkpoint, contract, directive
 from . import distributed
 from .memory import DeviceMemory, MemoryBound
 from .distributed import WorldInfo
@@ -59,6 +59,7 @@ class JobState:
     step: int = 0            # committed optimizer steps
     last_step_wall: float = 0.0   # time.time() when the last committed step ended
     planned: bool = False    # saved for a planned re-form: the next world measures its gap
+    worlds: int = 0          # worlds formed before this one (adaptrun.world().generation)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +68,7 @@ class JobState:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.last_step_wall = float(state.get("last_step_wall", 0.0))
         self.planned = bool(state.get("planned", False))
+        self.worlds = int(state.get("worlds", 0))
 
 
 class Job:
@@ -99,6 +101,7 @@ class Job:
         self.finished = False         # the last epoch is done
         self.channel = AgentChannel.from_env()   # adaptrun's agent: re-form in process
         self._parked_store = None
+        self.reform_callbacks: list = []    # adaptrun.on_reform(fn)
     # ---- restore -------------------------------------------------------------------
     def restore(self) -> None:
         dirs = [self.local_dir, self.persistent_dir] if self.snapshots_on else []
@@ -125,6 +128,8 @@ class Job:
                 "it will not train the job again from step 0; give the nodes the job's "
                 "snapshots (ADAPTRUN_SNAPSHOT_DIR / ADAPTRUN_CHECKPOINT_DIR) or start a new job")
         self.registry.register("adaptrun.job", self.state)
+        if found is not None:
+            self.state.worlds += 1            # a restarted job's world is a new one
         self.registry.register("adaptrun.rng", RNGState())
         self.registry.register("adaptrun.memory", self.memory_bound)
 
@@ -266,6 +271,8 @@ class Job:
             store.set(directive.STATUS_KEY, json.dumps(
                 {"step": self.state.step, "epoch": self.state.epoch, "parked": True}))
         self._parked_store = store
+        contract.retire_groups(f"the world of {self.world.world_size} formed at generation "
+                               f"{self.state.worlds}")
         distributed.shutdown()
         msg = self.channel.receive(self.world.timeout_s)
         if msg is None:
@@ -286,6 +293,7 @@ class Job:
             self.state.step, lambda: snapshot_of(self.registry, self.state.step,
                                                  self.state.epoch)), device=self.world.device)
         t2 = time.perf_counter()
+        self.state.worlds += 1                # the same on every rank: all hold the newest
         if self.parallel is not None:
             self.parallel._rebuild()
         if self.world.rank == 0:
@@ -296,6 +304,9 @@ class Job:
                 f"without it {t2 - t1:.2f} s, DDP rebuilt {time.perf_counter() - t2:.2f} s "
                 f"(with the wait for new ranks to build their model)\n")
         self._measure_resize_gap()        # the new world's first step comes next
+        now = contract.world()
+        for fn in list(self.reform_callbacks):
+            fn(now)
 
     def _measure_resize_gap(self) -> None:
         """Just before the first step of a world a planned re-form made: the gap since the old
