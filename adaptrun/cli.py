@@ -563,6 +563,10 @@ def _batch_caps(command):
               help="How long a running job keeps training at its size while the new nodes "
                    "of a scale-up start (a pod's image pull included); then it keeps its "
                    "size, and a node that comes later joins the next directive.")
+@click.option("--health-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve GET /healthz (HTTP, plaintext) on this port: 200 while the agent's "
+                   "loop is alive, 503 once it is stuck; for Kubernetes startup and liveness "
+                   "probes.")
 @click.option("--exit-with-parent", is_flag=True,
               help="Stop (as on SIGTERM) when the process that started this agent ends: "
                    "`adaptrun run` starts its agents so, and a kill -9 of it leaves none "
@@ -574,7 +578,7 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
                   max_restarts, node, local_addr, min_workers, max_workers, init_batch,
                   max_global_batch, local_batch_min, local_batch_max, snapshot_dir,
                   controller_wait_s, warm_start, standby_after_s, ready_timeout_s,
-                  exit_with_parent, verbose, command, credentials):
+                  health_port, exit_with_parent, verbose, command, credentials):
     """Run this node's workers of a job: `adaptrun agent --job ID ... -- python train.py ARGS`."""
     import logging
     import os
@@ -618,7 +622,8 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
                          bounds=bounds, snapshot_dir=snapshot_dir,
                          controller_wait_s=controller_wait_s, warm_start=warm_start,
                          standby_after_s=standby_after_s, ready_timeout_s=ready_timeout_s,
-                         parent_pid=os.getppid() if exit_with_parent else None)
+                         parent_pid=os.getppid() if exit_with_parent else None,
+                         health_port=health_port)
     try:
         agent = Agent(config)
     except AgentError as exc:

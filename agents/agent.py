@@ -77,6 +77,7 @@ from adaptrun.worker.errors import DeviceConfigError
 from .controller_client import ClientCredentials, ControllerClient, JobBoundsSpec
 from .job_store import STORE_ERRORS, JobStore
 from .rendezvous import RendezvousConf, RoundSpec, end_round, fast_polling, join_round
+from .health import AgentHealth
 from .workers import Outcome, WarmWorker, WorkerGroup, WorkerSpec, check_gpus, spawn_spares
 
 __all__ = ["AgentConfig", "Agent", "AgentError"]
@@ -125,6 +126,8 @@ class AgentConfig:
     warm_start: bool = True
     standby_after_s: float = 5.0      # warm spares for a failure restart, once training runs
     parent_pid: int | None = None     # stop as on SIGTERM when this parent ends
+    health_port: int | None = None    # serve /healthz here (``health``); None: not served
+    health_host: str = "0.0.0.0"
 
     def nodes_for(self, workers: int) -> int:
         return max(1, math.ceil(workers / self.nproc_per_node))
@@ -348,6 +351,9 @@ class Agent:
         self.store: JobStore | None = None
         self._leaving = False    # a planned re-form let this node go: a signal is that leave
         self._heartbeat_stop = threading.Event()
+        # A wait for one call (a join, a re-form) may take up to the join timeout.
+        self.health = AgentHealth(wait_limit_s=config.rdzv_conf.join_timeout
+                                  + config.rdzv_conf.close_timeout + 60.0)
 
     # -- the controller's side ------------------------------------------------------------
     def _on_directive(self, d) -> None:
@@ -423,6 +429,9 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
         fast_polling(c.rdzv_conf.poll_s)
+        if c.health_port is not None:
+            port = self.health.serve(c.health_host, c.health_port)
+            log.info("health: http://%s:%d/healthz", c.health_host, port)
         if c.parent_pid is not None:
             self._watch_parent(c.parent_pid)
         try:
@@ -446,6 +455,7 @@ class Agent:
                       "controller (its actuator) so that they join the next round", exc)
             return 1
         finally:
+            self.health.beat("done")
             self._heartbeat_stop.set()
             if self._workers is not None:
                 self._workers.stop()
@@ -454,6 +464,7 @@ class Agent:
             self._discard_spares()
             self._reap_retiring(wait_s=10.0)
             self._close_client()
+            self.health.close()
             shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _watch_parent(self, parent: int) -> None:
@@ -597,6 +608,7 @@ class Agent:
         host, the controller, restarted) is reconnected and the same round joined again: the
         other agents do the same, and the round's name is new to the restarted store."""
         c = self.config
+        self.health.beat("joining", generation=spec.generation, attempt=spec.attempt)
         while True:
             if self.store.lost and not self.store.wait_until_back(
                     conf.join_timeout, lambda: self._stop_signal is not None):
@@ -841,8 +853,11 @@ class Agent:
         signalled_s = 0.0
         peer_failed = False
         try:
+            self.health.beat("training", generation=spec.generation, nodes=nodes,
+                             group_rank=group_rank)
             while True:
                 time.sleep(c.monitor_interval_s)
+                self.health.beat("training")
                 self.relay.pump()
                 if self.relay.last_step > committed:
                     committed = self.relay.last_step

@@ -736,3 +736,29 @@ def test_agent_args_parse(overlay):
         (_, _, agent), = agent_containers([sts])
         lo, hi = _agent_nnodes(agent)
         assert lo <= sts["spec"]["replicas"] <= hi
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_long_running_container_has_startup_and_liveness_probes(overlay):
+    """Every container that runs for the job's life is restarted when it hangs: a startup probe
+    and a liveness probe on a port it declares. The agents' probes are HTTP GETs of /healthz
+    on the port given to `--health-port` (agents/health.py); no readiness gate on the agents,
+    which take no Service traffic."""
+    objs = objects(overlay)
+    for where, spec in pod_specs(objs):
+        for c in spec["containers"]:
+            ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+            for probe in ("startupProbe", "livenessProbe"):
+                assert probe in c, f"{where}/{c['name']} has no {probe}"
+                target = c[probe].get("grpc", c[probe].get("httpGet", {})).get("port")
+                assert target in ports or target in ports.values(), (
+                    f"{where}/{c['name']}: its {probe} probes port {target!r}, not one it declares")
+    for where, _, c in agent_containers(objs):
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert _flag_values(c["args"], "--health-port") == [str(ports["health"])], where
+        for probe in ("startupProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, where
+        assert "readinessProbe" not in c, where
+        # the liveness window outlasts the health endpoint's own limit for a training loop
+        live = c["livenessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] >= 60, where
