@@ -199,7 +199,7 @@ def _server_security(command):
                          "that is not loopback (a warning is logged)."),
             click.option("--rdzv-host", default=None, help="Address the rendezvous store binds "
                          "(default: --host). It has no TLS: keep it on a network only the "
-                         "jobs' workers reach (README, Security)."),
+                         "jobs' workers reach (docs: how-to/security)."),
             click.option("--health-port", default=None, type=click.IntRange(0, 65535),
                          help="Also serve grpc.health.v1 alone, in plaintext, on this port "
                               "(for the kubelet's gRPC probes, which cannot do TLS).")]):
