@@ -1,109 +1,55 @@
 """The policy: which (replicas, local batch, accumulation steps) a job should run at next.
 
+A plain object with no I/O: the controller and the simulator drive it with the job's
+reports, and it returns one decision with its reason. What it learned round-trips through
+``state_dict`` / ``load_state_dict`` as JSON data, so a restarted controller decides as the
+old one would have. It reads only what a live job reports (step and sync times of the
+configurations it ran, gradient statistics and loss at its current batch), never the future.
+
 The model. For every feasible configuration c = (R replicas, local batch a, k accumulation
-steps) with global batch B = R * a * (k + 1) in [B0, Bmax], the policy predicts
+steps) with global batch B = R * a * (k + 1) in [B0, Bmax] and inside the script's declared
+limits (``bounds_from_script``: B0, max batch, local bounds, accumulation, within the
+launcher's optional caps), all at once as numpy arrays:
 
     goodput(c) = B0 * r(B / B0) / step_time(c)      B0-equivalent examples per second
 
-from the fitted throughput model (``throughput``) and the job's latest gradient statistics
-(gain r, ``efficiency``). All candidates are evaluated at once as numpy arrays.
+with step_time from the fitted throughput model (``throughput``, a stated prior where nothing
+was measured) and the gain r from the job's statistics (``efficiency``) at the conservative
+end of the worker's estimate, the median of the last ``stats_window`` reports.
 
-Hysteresis. A batch-only change is cheap (a directive applied at the next step boundary),
-so the best configuration at the current replica count is taken as soon as it is predicted
-``batch_min_gain`` (1 %) better than the current one. A change of replica count costs a
-resize of ``resize_cost_s`` seconds, so it is taken only when
+Moves.
+- A batch-only change (applied at the next step boundary, free) is taken when it gains
+  ``batch_min_gain``; one that undoes the last within ``holdoff_runs`` decisions needs
+  ``batch_reversal_gain``.
+- A change of replica count costs ``resize_cost_s`` (the job's measured re-form gap; a prior
+  until the first) and is taken only when
+  ``remaining_s * (1 - goodput_same / goodput_new) > payback * resize_cost_s`` and it gains
+  ``resize_min_gain``, in the worse of two futures: the noise scale stays where it is, or it
+  grows without bound (throughput alone decides). The work left is
+  ``(target_progress - progress) * B0``; a job of unknown length is assumed to run as long
+  again as it has.
+- A move to a placement never measured (several replicas in a node, or across nodes) must
+  also gain the share of its step that is the prior's guessed sync (``_prior_share``).
+  Unmeasured local batches at the current count are tried first (free). A replica move that
+  the next decisions reverse bars its count for ``holdoff_runs`` decisions, doubling with
+  each reversal (``_Moves``).
+- Before anything is measured a job starts on one node at B0 (``initial_config``).
+- Without a noise-scale estimate the batch stays where it is, and the reason says so.
 
-    remaining_s * (1 - goodput_same / goodput_new) > payback * resize_cost_s
+The batch, checked against the loss (``progress_check``).
+- It grows at most ``batch_growth_max`` (4x) per decision, and not at all while the last
+  increase is being checked (``check_reports`` reports).
+- The check compares the progress per example the loss curve realized after the move with
+  the efficiency ratio the statistics predicted; below ``check_shortfall`` of it the batch
+  backs off below the move and is capped for ``holdoff_runs`` decisions (doubling with each
+  back-off); the decision line begins ``back off:``.
+- Where the noise scale sees no gain but the loss keeps falling, the policy probes a 1.5-2x
+  larger batch (``_probe``) and keeps it when it realizes ``probe_keep`` of the progress per
+  example, as a floor the noise scale does not take back.
+- A job that reports no loss gets the bounded growth unchecked, and its decision lines say so.
 
-and the predicted gain is at least ``resize_min_gain``: the time saved over the rest of the
-run pays for the resize ``payback`` times over. The saving is taken in the worse of two
-futures, since the policy cannot see which one comes: the noise scale stays where it is
-(the goodputs predicted now), or it grows without bound (every example fully efficient, so
-the best *throughput* at each replica count decides). The noise scale grows as training
-goes on (McCandlish et al.), so the real run lies between the two; a move that wins only
-while the noise scale is small (fewer replicas early on) is not worth a resize. The work
-left is ``(target_progress - progress) * B0`` from the report; a job that does not know its
-length is assumed to run as long again as it has run so far.
-
-Exploration. A job that has only run at one replica count cannot fit a sync model. The
-throughput fit then leans on its stated prior for the counts it has not seen (sync inside a
-node cheaper than across nodes, a fixed compute overhead per micro-batch), so the policy
-predicts a goodput for every count and tries one when that prediction pays for the resize.
-Where the prediction rests on a guess, the bar is higher by what the guess is worth: a move
-to a placement the job never ran at (several replicas inside one node, or across nodes) must
-gain, beyond ``resize_min_gain``, the share of its predicted step that is the guessed sync
-(``_prior_share``), i.e. it must still gain were that sync about twice the guess. A gain
-smaller than the guess's own size is noise in the prior; the noise scale grows as training
-goes on, so a real gain grows past the bar within a few epochs, while a move on a wrong
-guess costs the resize there and the one back (cifar10 on 16 GPUs, where sync across nodes
-is 7x the prior's guess: 1.099 -> 1.076 of the oracle; 1.065-1.077 for half to 1.5 times
-the share). Every measurement replaces the prior where it applies, so a wrong guess is
-corrected at the next decision (and the count barred, see below). Capping the counts at
-twice the largest measured (Pollux's rule, ``explore_factor``; off by default) does not make
-a wrong guess cheaper, and makes a job that should grow fourfold pay two resizes. Local
-batches are explored the same way, for free, since batch changes cost nothing; and free
-comes before paid: while a batch at the current count that has not been measured there is
-predicted to gain ``resize_min_gain``, it is tried before any resize, since its measurement
-corrects the throughput model (and the remaining time) that the resize would be weighed by.
-
-The start. Before anything is measured the policy puts a job on one node at B0
-(``initial_config``): sync inside a node is cheap, and sync across nodes, the unknown that
-decides whether a job scales, is then measured by the first move that pays, rather than bet
-on for the whole run (ncf on 16 GPUs: 1.7x the per-epoch optimum from all 16, 1.0x from one
-node).
-
-Only what was measured. Without a noise-scale estimate (|G|^2 not yet > 0, as on one replica
-with one micro-batch, or early in a run) the efficiency of another batch is unknown: the batch
-stays where it is and worker counts are compared at that batch (where every count has the same
-efficiency); the reason says it waits. The bounds are the script's own (``bounds_from_script``:
-B0, max batch, local bounds and accumulation as ``AdaptiveDataLoader`` declares them, within
-the launcher's optional caps), so a script with a fixed batch never gets another one.
-
-No flapping. The resize cost the controller gives the policy is the measured gap of the job's
-planned re-forms (a prior until the first). A count the job ran at is judged by the model
-corrected by what was measured there (the mean ratio of predicted to measured step time), at
-the batch that suits today's statistics, not at the batches it happened to run: a count
-measured at a batch the noise scale has since outgrown is not worse for it. A move back to
-such a count is weighed as any resize, in the worse of the two futures: cifar10 on 8 GPUs went
-to two nodes, measured them 1 % behind one node at the noise scale of the moment, went back
-and came again 7 epochs later (3 resizes, 1.156 of the oracle; now 1 resize, 1.062). A move
-of replica count that the next decisions reverse (tried, measured worse than predicted, moved
-back) bars the count it went to for ``holdoff_runs`` decisions, doubling with every further
-reversal (``_Moves``). The batch follows the median noise scale of the last ``stats_window``
-(3) reports that measured one, not the last alone: one estimate far off (a live digits run
-reported 12,529 between ~600 and ~1,000) would move the batch (and with it AdaScale's LR)
-there and back. A lasting change
-moves it one report later (cifar10 at 16 GPUs: 1.076 -> 1.081 of the oracle; imagenet at 16:
-1.023 -> 1.021). A batch-only move that undoes the last one (the other direction) within
-``holdoff_runs`` decisions needs ``batch_reversal_gain`` (5 %) instead of ``batch_min_gain``:
-estimates some 50 % apart in turn moved a live batch 328 -> 244 -> 328 for 2 % each time (no
-row of the simulated workloads changed).
-
-Act on what is known. The statistics a report carries are the conservative end of the
-worker's estimate (``gns.GNSState.conservative``), so a noise scale the estimates do not yet
-agree on reads small. The batch grows by at most ``batch_growth_max`` (4x) per decision, a
-warmup that follows the signal rather than a jump to the cap. Every batch increase is then
-checked against the loss the job reports (``progress_check``): the curve of loss over
-examples before the move, and the efficiency ratio E(new) / E(old) the statistics predicted,
-say where the loss should be after it. While ``check_reports`` (6) reports come in, the
-batch does not grow further; when the progress per example realized falls short of
-``check_shortfall`` (half) of the predicted, the batch backs off below the move and is
-capped there for ``holdoff_runs`` decisions (doubling with each back-off), and the decision
-line says so. A job that reports no loss keeps the conservative statistics and the bounded
-growth, unchecked; its decision lines say that too. Where the noise scale sees no gain in a
-larger batch but the loss keeps falling, the policy probes one 1.5-2x larger (``_probe``)
-and keeps it only if the check finds it realized ``probe_keep`` (0.9) of the progress per
-example: then the batch is not taken back below it on the noise scale's word (measured
-progress outranks the model), else it backs off as above. Branched training found the
-noise scale far below the critical batch where a run sits at its noise floor (a constant LR:
-every larger batch up to 32 x B0 lowered char_lm's loss at equal examples from a quarter of
-the run on); only the loss tells.
-
-The policy reads only what a live job reports: measured step and sync times of
-configurations it has run, and the gradient statistics at its current batch. It never sees
-the future. It is a plain object with no I/O; the controller and the simulator drive it. What it learned
-round-trips through ``state_dict`` / ``load_state_dict`` as plain JSON data, so a restarted
-controller (``--state-dir``) decides as the old one would have.
+Figures (each rule against the hindsight oracle, the critical batch by branched training):
+the docs' Performance page.
 """
 from __future__ import annotations
 
