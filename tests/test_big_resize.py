@@ -32,11 +32,8 @@ def test_big_state_resizes_one_two_one(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     port = harness.free_port()
-    cmd = [sys.executable, "-m", "adaptrun.cli", "run", "--job", "big", "--min-workers", "1",
-           "--max-workers", "1", "--port", str(port), "--policy-interval-s", "1",
-           "--log-dir", str(tmp_path / "logs"), "--plot", "", "--no-progress", "--",
-           sys.executable, str(BIG), "--params", "40e6", "--samples", "224", "--batch", "8",
-           "--out", str(out)]
+    cmd = harness.adaptrun_run("big", port, tmp_path, [
+        str(BIG), "--params", "40e6", "--samples", "224", "--batch", "8", "--out", str(out)])
     proc = harness.start(cmd, harness.base_env(), tmp_path / "run.log")
     ctl = f"127.0.0.1:{port}"
     try:

@@ -29,10 +29,7 @@ def test_a_script_reading_adaptrun_world_sees_one_two_one(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     port = harness.free_port()
-    cmd = [sys.executable, "-m", "adaptrun.cli", "run", "--job", "world", "--min-workers", "1",
-           "--max-workers", "1", "--port", str(port), "--policy-interval-s", "1",
-           "--log-dir", str(tmp_path / "logs"), "--plot", "", "--no-progress", "--",
-           sys.executable, str(WORKER), "--out", str(out)]
+    cmd = harness.adaptrun_run("world", port, tmp_path, [str(WORKER), "--out", str(out)])
     proc = harness.start(cmd, harness.base_env(), tmp_path / "run.log")
     ctl = f"127.0.0.1:{port}"
     try:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 
 import torch
 from torch.utils.data import default_collate
-
-import sys
 
 from . import distributed, job, memory
 from .errors import BatchConfigError

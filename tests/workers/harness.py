@@ -67,6 +67,15 @@ def torchrun(nnodes: str, nproc: int, port: int, run_id: str, worker_args: list[
     return cmd + [str(WORKER)] + worker_args
 
 
+def adaptrun_run(job: str, port: int, tmp_path: Path, script: list[str]) -> list[str]:
+    """`adaptrun run` of ``script`` at one worker, its controller on ``port``, a decision a
+    second, logs under ``tmp_path``, no plot or progress bar: the tests then `adaptrun scale`."""
+    return [sys.executable, "-m", "adaptrun.cli", "run", "--job", job, "--min-workers", "1",
+            "--max-workers", "1", "--port", str(port), "--policy-interval-s", "1",
+            "--log-dir", str(tmp_path / "logs"), "--plot", "", "--no-progress", "--",
+            sys.executable, *script]
+
+
 def stop(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
     """Kill the process group we started (the process and its children); wait for it."""
     if proc is None:
