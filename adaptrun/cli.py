@@ -103,6 +103,78 @@ def _hms(seconds: float) -> str:
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
+@cli.command("simulate-cluster")
+@click.option("--capacity", default="16x4", show_default=True,
+              help="The cluster: NODESxGPUS_PER_NODE.")
+@click.option("--jobs", "job_count", type=int, default=48, show_default=True,
+              help="Jobs to generate (ignored with --trace).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--window-h", type=float, default=8.0, show_default=True,
+              help="Generated jobs arrive over this many hours.")
+@click.option("--trace", type=click.Path(exists=True, dir_okay=False),
+              help="Jobs from a CSV in Pollux's workload format (name,time,application"
+                   "[,num_replicas]).")
+@click.option("--max-workers", type=int, default=16, show_default=True,
+              help="Each job's upper bound on workers.")
+@click.option("--policy", "policies", multiple=True,
+              type=click.Choice(["goodput", "alone", "fair", "fifo"]),
+              help="Policies to compare (repeat; default: all four).")
+@click.option("--p", "power", type=float, default=-1.0, show_default=True,
+              help="The allocator's fairness: the p of its p-power mean of speedups.")
+@click.option("--resize-cost-s", type=float, default=30.0, show_default=True)
+@click.option("--interval-s", type=float, default=300.0, show_default=True,
+              help="How often the allocation runs (besides arrivals and finishes).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write the allocation over time (PNG) here.")
+def simulate_cluster(capacity, job_count, seed, window_h, trace, max_workers, policies, power,
+                     resize_cost_s, interval_s, as_json, plot):
+    """Play a job-arrival trace on a shared cluster under the goodput allocator and the
+    baselines (each job alone, a static fair share, FIFO at fixed sizes), side by side."""
+    import json
+
+    from .science.allocation import AllocationError, Cluster
+    from .simulation.cluster import POLICIES, compare, generate_jobs, read_jobs
+    from .simulation.traces import TraceError
+
+    try:
+        cluster = Cluster.parse(capacity)
+        if max_workers < 1:
+            raise TraceError(f"--max-workers must be at least 1, got {max_workers}")
+        if resize_cost_s < 0 or interval_s <= 0:
+            raise TraceError("--resize-cost-s must be >= 0 and --interval-s > 0")
+        jobs = (read_jobs(trace, max_workers) if trace
+                else generate_jobs(job_count, seed, window_h * 3600, max_workers))
+        results = compare(jobs, cluster, policies or POLICIES, resize_cost_s=resize_cost_s,
+                          interval_s=interval_s, p=power)
+    except (TraceError, AllocationError) as exc:
+        raise UsageProblem(str(exc)) from None
+    summaries = [r.summary() for r in results]
+    if plot:
+        from .simulation.plotting import plot_cluster
+        plot_cluster(results, cluster.capacity, plot)
+    if as_json:
+        click.echo(json.dumps({"capacity": capacity, "jobs": len(jobs), "p": power,
+                               "results": summaries}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    ref = summaries[0]["avg_jct_h"]
+    t = Table(title=f"{len(jobs)} jobs on {cluster.nodes} nodes x {cluster.gpus_per_node} GPUs")
+    for col in ("policy", "avg JCT", f"vs {summaries[0]['policy']}", "p99 JCT", "makespan",
+                "GPU-hours", "resizes"):
+        t.add_column(col, justify="right")
+    for s in summaries:
+        t.add_row(s["policy"], f"{s['avg_jct_h']:.2f} h", f"{s['avg_jct_h'] / ref:.2f}x",
+                  f"{s['p99_jct_h']:.2f} h", f"{s['makespan_h']:.2f} h",
+                  f"{s['gpu_hours']:.0f}", str(s["resizes"]))
+    console = Console()
+    console.print(t)
+    if plot:
+        console.print(f"allocation plot: {plot}")
+
+
 # --- controller / status (control plane) ----------------------------------------------
 
 

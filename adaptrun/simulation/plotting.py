@@ -1,7 +1,7 @@
 """Timeline plots (matplotlib, Agg backend): what the job ran at, and how well, over time."""
 from __future__ import annotations
 
-__all__ = ["plot_simulation", "plot_run"]
+__all__ = ["plot_simulation", "plot_run", "plot_cluster"]
 
 
 def plot_simulation(summary: dict, path: str) -> None:
@@ -65,6 +65,33 @@ def plot_run(samples: list[dict], path: str, title: str,
                          fontsize=7, color="tab:red", ha="left", va="top")
     axes[-1].set_xlabel("wall time (s)")
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_cluster(results: list, capacity: int, path: str) -> None:
+    """Per policy, the GPUs each job holds over time (stacked), as one PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(results), 1, sharex=True, figsize=(10, 2.2 * len(results)))
+    axes = np.atleast_1d(axes)
+    for ax, res in zip(axes, results):
+        names = [j.name for j in res.jobs]
+        ts = np.array([t for t, _ in res.timeline]) / 3600.0
+        ys = np.array([[alloc.get(n, 0) for t, alloc in res.timeline] for n in names])
+        ax.stackplot(ts, ys, step="post", linewidth=0)
+        ax.axhline(capacity, color="black", linewidth=0.8)
+        s = res.summary()
+        ax.set_title(f"{res.policy}: average JCT {s['avg_jct_h']:.2f} h, makespan "
+                     f"{s['makespan_h']:.1f} h", fontsize=9)
+        ax.set_ylabel("GPUs", fontsize=8)
+        ax.set_ylim(0, capacity * 1.05)
+    axes[-1].set_xlabel("simulated time (h)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
