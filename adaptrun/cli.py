@@ -397,12 +397,19 @@ def _actuator_options(actuator: str, k8s: dict) -> dict:
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False),
               help="Keep each job's state here (bounds, learned throughput and noise scale, "
                    "generation) so a restarted controller resumes its jobs (default: none).")
+@click.option("--capacity", default="", help="Share this many GPUs among the jobs by goodput "
+              "(NODESxGPUS, like 16x4): each job gets workers within its bounds by the "
+              "cluster allocation, and a job that does not fit waits in a queue (default: "
+              "none; each job's policy alone).")
+@click.option("--allocation-interval-s", default=30.0, show_default=True,
+              type=click.FloatRange(min=1.0), help="How often the cluster allocation runs.")
 @_k8s_options
 @_ray_options
 @_server_security
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actuator,
-                       policy_interval_s, max_threads, state_dir, verbose, security, **k8s):
+                       policy_interval_s, max_threads, state_dir, capacity,
+                       allocation_interval_s, verbose, security, **k8s):
     """Run the controller: job registry, policy, directives, /metrics."""
     import os
     # gRPC's C core logs a bind failure on stderr itself; we say it in one line instead.
@@ -427,7 +434,14 @@ def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actu
                               actuator=actuator, policy_interval_s=policy_interval_s,
                               actuator_options=_actuator_options(actuator, k8s),
                               max_threads=max_threads, rdzv_port=store_port,
-                              rdzv_advertise=rdzv_advertise, state_dir=state_dir)
+                              rdzv_advertise=rdzv_advertise, state_dir=state_dir,
+                              capacity=capacity, allocation_interval_s=allocation_interval_s)
+    if capacity:
+        from adaptrun.science.allocation import AllocationError, Cluster
+        try:
+            Cluster.parse(capacity)
+        except AllocationError as exc:
+            raise UsageProblem(f"--capacity: {exc}") from None
     starts = _ray_start(k8s.get("ray_start", ()))
     try:
         ctl = Controller(config, **security).start()
@@ -492,8 +506,18 @@ def status_command(target, job_id, as_json, timeout_s, credentials):
                    f"{j.local_batch:>6} {j.accum_steps:>5} {j.goodput:>9.1f} "
                    f"{j.statistical_efficiency:>5.2f} {j.noise_scale:>8.0f} {j.step:>8} "
                    f"{j.directive.generation:>4}")
+        if j.allocated_workers == 0:
+            click.echo(f"  queued for {j.queued_s:.0f} s: the cluster has no "
+                       f"{j.bounds.min_workers} GPU(s) free for it yet")
+        elif j.allocated_workers > 0:
+            click.echo(f"  allocated {j.allocated_workers} worker(s) of the cluster")
         if j.last_decision:
             click.echo(f"  last decision: {j.last_decision}")
+    queued = [j.job_id for j in resp.jobs if j.allocated_workers == 0]
+    if any(j.allocated_workers >= 0 for j in resp.jobs):
+        used = sum(max(j.allocated_workers, 0) for j in resp.jobs)
+        click.echo(f"cluster: {used} worker(s) allocated; queue: "
+                   f"{', '.join(queued) if queued else 'empty'}")
 
 
 @cli.command("scale")

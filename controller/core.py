@@ -30,8 +30,11 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import grpc
+import numpy as np
 
-from adaptrun.science.policy import BoundsError, Config, Decision, Policy, bounds_from_script
+from adaptrun.science.allocation import Allocation, Cluster, JobDemand, allocate
+from adaptrun.science.policy import (BoundsError, Config, Decision, JobBounds, Policy,
+                                     bounds_from_script)
 
 from .actuators import Actuator, ActuatorError
 from .heap import CollectionPacer
@@ -69,6 +72,10 @@ class ControllerConfig:
     rdzv_advertise: str = ""            # host agents use for it ("": the controller's host)
     state_dir: str | None = None        # jobs' lasting state, for restarts (None: kept nowhere)
     state_write_interval_s: float = 0.5   # per job, at most one state write this often
+    capacity: str = ""                  # the cluster's GPUs, NODESxGPUS ("": no allocation)
+    allocation_interval_s: float = 30.0   # how often the cluster allocation runs
+    allocation_p: float = -1.0          # its fairness (science.allocation)
+    allocation_horizon_s: float = 600.0
 
 
 def config_of(report) -> Config:
@@ -91,6 +98,12 @@ class ControllerCore:
         # the job's locks (the gRPC service wakes that job's directive streams with it).
         self.directive_listeners: list[Callable[[str], None]] = []
         self._wanted_time_s: dict[str, float] = {}   # job -> last widened-bounds policy ask
+        self.cluster = Cluster.parse(config.capacity) if config.capacity else None
+        self.allocation: Allocation | None = None
+        self._last_allocation_s = -math.inf
+        self._allocation_due = False
+        if self.cluster is not None:
+            metrics.set_cluster(self.cluster.capacity, 0, 0)
         bind = getattr(actuator, "bind", None)   # its notices and bounds come from here
         if bind is not None:
             bind(self.actuator_notice, self.job_bounds)
@@ -160,7 +173,8 @@ class ControllerCore:
 
         def make_job() -> Job:
             return Job(req.job_id, bounds, Policy(bounds, resize_cost_s=c.resize_cost_s),
-                       TokenBucket(c.report_rate_per_s, c.report_burst), caps=caps)
+                       TokenBucket(c.report_rate_per_s, c.report_burst), caps=caps,
+                       arrival_s=self.clock())
         try:
             job, agent, created = self.registry.register(req.job_id, req.node, req.slots,
                                                          req.address, make_job)
@@ -182,6 +196,7 @@ class ControllerCore:
             log.info("job %s registered by node %s (%d slots): workers [%d, %d]; batch limits "
                      "from the script (caps: %s)", job.job_id, req.node, req.slots,
                      bounds.min_replicas, bounds.max_replicas, caps)
+            self._allocation_due = True
         if req.wants_to_join and not created:
             self._readmit(job, req.node)
         return job, agent
@@ -266,7 +281,9 @@ class ControllerCore:
         return job, generation
 
     def _job_done(self, job: Job) -> None:
-        """Tell the actuator (a StatefulSet goes to 0 replicas); never fails the caller."""
+        """Tell the actuator (a StatefulSet goes to 0 replicas); never fails the caller. Its
+        workers go back to the cluster at the next tick."""
+        self._allocation_due = True
         try:
             self.actuator.job_done(job.job_id)
         except Exception:  # noqa: BLE001 - the actuator's bug must not reject a report
@@ -413,7 +430,7 @@ class ControllerCore:
             if bounds == job.bounds:
                 return
             job.bounds = bounds
-        job.policy = job.policy.with_bounds(bounds)
+        job.policy = job.policy.with_bounds(self._policy_bounds(job))
         log.info("job %s: batch limits from the script: B0 %d, max batch %d, local batch "
                  "[%d, %d], accumulation %s", job.job_id, bounds.init_batch, bounds.max_batch,
                  bounds.local_batch_min, bounds.local_batch_max,
@@ -469,7 +486,12 @@ class ControllerCore:
         one burst: 100 policy runs at once held the GIL from the event loop that reads the
         reports for half a second, which every report in flight then waited out."""
         now = self.clock()
-        jobs = [j for j in self.registry.jobs() if not j.done]
+        if self.cluster is not None and (
+                self._allocation_due
+                or now - self._last_allocation_s >= self.config.allocation_interval_s):
+            self._allocation_due = False
+            self.allocate_cluster()
+        jobs = [j for j in self.registry.jobs() if not j.done and j.allocated != 0]
         interval = self.config.policy_interval_s
         forced = [j for j in jobs if j.policy_due]
         waiting = sorted((j for j in jobs if not j.policy_due and j.pending
@@ -492,12 +514,22 @@ class ControllerCore:
                                  max_replicas=max_workers).validate()
             except BoundsError as exc:
                 raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(exc)) from None
-            job.policy = job.policy.with_bounds(bounds)
             job.bounds = bounds
+            job.policy = job.policy.with_bounds(self._policy_bounds(job))
             has_reports = job.policy.last_report is not None or bool(job.pending)
         self.metrics.set_bounds(job_id, min_workers, max_workers)
         self._changed(job)
+        self._allocation_due = True
         log.info("job %s: bounds now [%d, %d] workers", job_id, min_workers, max_workers)
+        self._follow_bounds(job, has_reports)
+        return job
+
+    def _follow_bounds(self, job: Job, has_reports: bool) -> None:
+        """The job's policy bounds changed: decide within them now, or, with no report to
+        plan from, move the worker count into them."""
+        b = job.policy.bounds
+        min_workers, max_workers = b.min_replicas, b.max_replicas
+        job_id = job.job_id
         if has_reports:
             self.run_policy(job, force=True)
         else:
@@ -511,7 +543,88 @@ class ControllerCore:
                                      f"bounds [{min_workers}, {max_workers}]: move to {target} "
                                      f"workers")
                 self._set_workers(job, target)
-        return job
+
+    # -- the cluster allocation ----------------------------------------------------------
+    @staticmethod
+    def _policy_bounds(job: Job) -> JobBounds:
+        """The job's bounds with its allocation as the upper bound on workers."""
+        b = job.bounds
+        if 0 < job.allocated < b.max_replicas:
+            return replace(b, max_replicas=max(job.allocated, b.min_replicas))
+        return b
+
+    def allocate_cluster(self) -> Allocation | None:
+        """Share the capacity among the jobs by goodput (``science.allocation``): each job's
+        goodput at every count in its bounds from its own policy (a job that has measured
+        nothing yet asks for its minimum), its current count, its measured resize cost and
+        its age; then each job's policy plans within what it got, and a job that got none is
+        queued (its workers go to 0, its state stays here) until it is admitted."""
+        if self.cluster is None:
+            return None
+        now = self.clock()
+        jobs = [j for j in self.registry.jobs() if not j.done]
+        demands = []
+        for j in jobs:
+            with j.policy_lock:
+                b = j.bounds
+                curve = j.policy.goodput_by_workers(b.max_replicas)
+                rep = j.policy.last_report
+                cost = j.policy.resize_cost_s
+            current = j.allocated
+            if current < 0:
+                current = self.actuator.current_workers(j.job_id)
+                current = rep.world_size if current is None and rep is not None else current or 0
+            hi = b.max_replicas
+            if curve is None or not curve[b.min_replicas] > 0:
+                hi = min(max(current, b.min_replicas), b.max_replicas)
+                curve = np.arange(hi + 1, dtype=float)
+            demands.append(JobDemand(j.job_id, tuple(curve[:hi + 1]), b.min_replicas, hi,
+                                     current=min(current, hi), arrival=j.arrival_s,
+                                     resize_cost_s=cost, age_s=now - j.arrival_s))
+        try:
+            a = allocate(demands, self.cluster, p=self.config.allocation_p,
+                         horizon_s=self.config.allocation_horizon_s,
+                         previous=self.allocation.nodes if self.allocation else None)
+        except Exception as exc:  # noqa: BLE001 - the allocation never stops the loop
+            log.error("cluster allocation failed, keeping the last one: %s", exc)
+            return self.allocation
+        self.allocation = a
+        self._last_allocation_s = now
+        for j in jobs:
+            self._take_allocation(j, a, now)
+        used = sum(a.workers.values())
+        self.metrics.set_cluster(self.cluster.capacity, used, len(a.queued))
+        return a
+
+    def _take_allocation(self, job: Job, a: Allocation, now: float) -> None:
+        n = a.workers.get(job.job_id, 0)
+        waited = now - job.queued_since_s if n == 0 and job.allocated == 0 else 0.0
+        self.metrics.set_allocated(job.job_id, n, waited)
+        if n == job.allocated:
+            return
+        was = job.allocated
+        with job.policy_lock:
+            with job.changed:
+                job.allocated = n
+                if n == 0:
+                    job.queued_since_s = now
+                    job.notice(f"queued: the cluster's {self.cluster.capacity} GPUs are "
+                               f"allocated; the job starts when {job.bounds.min_replicas} "
+                               f"are free (position {a.queued.index(job.job_id) + 1})")
+                else:
+                    job.queued_since_s = float("nan")
+                has_reports = job.policy.last_report is not None or bool(job.pending)
+            if n > 0:
+                job.policy = job.policy.with_bounds(self._policy_bounds(job))
+        self._changed(job)
+        log.info("job %s: allocated %d workers (was %s)", job.job_id, n,
+                 "none" if was < 0 else was)
+        if n == 0:
+            self._set_workers(job, 0)
+        elif was == 0:
+            self._set_workers(job, min(n, max(job.bounds.min_replicas, 1)))
+        else:
+            self._follow_bounds(job, has_reports)
 
 
 class PolicyLoop:

@@ -69,10 +69,15 @@ _GAUGES = {
     "last_report": ("adaptrun_last_report_timestamp_seconds",
                     "Unix time of the job's last accepted report"),
     "finished": ("adaptrun_job_finished", "1 once a report said the job's last epoch is done"),
+    "workers_allocated": ("adaptrun_workers_allocated",
+                          "Workers the cluster allocation gives the job (0: queued)"),
+    "queued_seconds": ("adaptrun_job_queued_seconds",
+                       "Seconds the job has waited in the cluster's queue (0: not queued)"),
 }
 # Series that appear only once known: a 0 there would read as "wants 0 workers" or "last
 # report in 1970" to an alert.
-_SET_WHEN_KNOWN = frozenset({"workers_desired", "policy_wanted", "last_report"})
+_SET_WHEN_KNOWN = frozenset({"workers_desired", "policy_wanted", "last_report",
+                             "workers_allocated", "queued_seconds"})
 
 
 class _NoCreatedRegistry(CollectorRegistry):
@@ -157,6 +162,11 @@ class Metrics:
             "adaptrun_policy_seconds", "Time of one policy run (observe + decide)", [LABEL],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r)
+        self.cluster = {k: Gauge(name, doc, registry=r) for k, (name, doc) in {
+            "capacity": ("adaptrun_cluster_capacity_gpus", "GPUs the cluster allocation shares"),
+            "used": ("adaptrun_cluster_allocated_gpus", "GPUs allocated to jobs"),
+            "queued": ("adaptrun_cluster_queued_jobs", "Jobs waiting for their minimum"),
+        }.items()}
         self._children: dict[str, _JobChildren] = {}
         self._flush_lock = threading.Lock()
         self._http = None
@@ -184,6 +194,15 @@ class Metrics:
 
     def set_workers_desired(self, job_id: str, workers: int) -> None:
         self._gauge(job_id, "workers_desired").set(workers)
+
+    def set_cluster(self, capacity: int, used: int, queued: int) -> None:
+        self.cluster["capacity"].set(capacity)
+        self.cluster["used"].set(used)
+        self.cluster["queued"].set(queued)
+
+    def set_allocated(self, job_id: str, workers: int, queued_s: float) -> None:
+        self._gauge(job_id, "workers_allocated").set(workers)
+        self._gauge(job_id, "queued_seconds").set(queued_s)
 
     def set_policy_wanted(self, job_id: str, workers: int) -> None:
         self._gauge(job_id, "policy_wanted").set(workers)

@@ -84,6 +84,11 @@ class Job:
     readmit_time_s: float = float("-inf")   # last directive that re-admitted a waiting node
     metric_name: str = ""
     metric: float = float("nan")
+    # The cluster allocation (a controller with a capacity): -1 none, 0 queued, else the
+    # workers the job may use; its arrival (controller clock) orders the queue.
+    allocated: int = -1
+    arrival_s: float = 0.0
+    queued_since_s: float = float("nan")
     changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
     policy_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one run at a time
 

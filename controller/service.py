@@ -28,6 +28,7 @@ with job_id ''. Without tokens configured every caller may do everything.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections import deque
 from concurrent.futures import Executor
@@ -74,7 +75,9 @@ def job_status(job: Job, now_s: float, desired_workers: int | None) -> pb.JobSta
             reports_accepted=job.accepted, reports_rejected=job.rejected, resizes=job.resizes,
             last_report_age_s=-1.0, last_decision=job.policy_error or job.last_decision,
             notices=job.notices, done=job.done, resize_cost_s=job.policy.resize_cost_s,
-            metric_name=job.metric_name, metric=job.metric)
+            metric_name=job.metric_name, metric=job.metric, allocated_workers=job.allocated,
+            queued_s=(0.0 if math.isnan(job.queued_since_s)
+                      else max(now_s - job.queued_since_s, 0.0)))
         r = job.last_report
         if r is not None:
             f = report_figures(r)

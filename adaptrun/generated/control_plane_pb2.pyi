@@ -171,7 +171,7 @@ class AgentStatus(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., node: _Optional[str] = ..., slots: _Optional[int] = ..., address: _Optional[str] = ..., watching: _Optional[bool] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "bounds", "agents", "directive", "desired_workers", "adaptive", "reports_accepted", "reports_rejected", "resizes", "last_report_age_s", "step", "epoch", "progress", "world_size", "global_batch", "local_batch", "accum_steps", "lr", "noise_scale", "throughput_examples_per_s", "statistical_efficiency", "goodput", "last_decision", "notices", "done", "resize_cost_s", "metric_name", "metric")
+    __slots__ = ("job_id", "bounds", "agents", "directive", "desired_workers", "adaptive", "reports_accepted", "reports_rejected", "resizes", "last_report_age_s", "step", "epoch", "progress", "world_size", "global_batch", "local_batch", "accum_steps", "lr", "noise_scale", "throughput_examples_per_s", "statistical_efficiency", "goodput", "last_decision", "notices", "done", "resize_cost_s", "metric_name", "metric", "allocated_workers", "queued_s")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,8 @@ class JobStatus(_message.Message):
     RESIZE_COST_S_FIELD_NUMBER: _ClassVar[int]
     METRIC_NAME_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_S_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     bounds: JobBounds
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
@@ -228,7 +230,9 @@ class JobStatus(_message.Message):
     resize_cost_s: float
     metric_name: str
     metric: float
-    def __init__(self, job_id: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., directive: _Optional[_Union[Directive, _Mapping]] = ..., desired_workers: _Optional[int] = ..., adaptive: _Optional[bool] = ..., reports_accepted: _Optional[int] = ..., reports_rejected: _Optional[int] = ..., resizes: _Optional[int] = ..., last_report_age_s: _Optional[float] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., progress: _Optional[float] = ..., world_size: _Optional[int] = ..., global_batch: _Optional[int] = ..., local_batch: _Optional[int] = ..., accum_steps: _Optional[int] = ..., lr: _Optional[float] = ..., noise_scale: _Optional[float] = ..., throughput_examples_per_s: _Optional[float] = ..., statistical_efficiency: _Optional[float] = ..., goodput: _Optional[float] = ..., last_decision: _Optional[str] = ..., notices: _Optional[_Iterable[str]] = ..., done: _Optional[bool] = ..., resize_cost_s: _Optional[float] = ..., metric_name: _Optional[str] = ..., metric: _Optional[float] = ...) -> None: ...
+    allocated_workers: int
+    queued_s: float
+    def __init__(self, job_id: _Optional[str] = ..., bounds: _Optional[_Union[JobBounds, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., directive: _Optional[_Union[Directive, _Mapping]] = ..., desired_workers: _Optional[int] = ..., adaptive: _Optional[bool] = ..., reports_accepted: _Optional[int] = ..., reports_rejected: _Optional[int] = ..., resizes: _Optional[int] = ..., last_report_age_s: _Optional[float] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., progress: _Optional[float] = ..., world_size: _Optional[int] = ..., global_batch: _Optional[int] = ..., local_batch: _Optional[int] = ..., accum_steps: _Optional[int] = ..., lr: _Optional[float] = ..., noise_scale: _Optional[float] = ..., throughput_examples_per_s: _Optional[float] = ..., statistical_efficiency: _Optional[float] = ..., goodput: _Optional[float] = ..., last_decision: _Optional[str] = ..., notices: _Optional[_Iterable[str]] = ..., done: _Optional[bool] = ..., resize_cost_s: _Optional[float] = ..., metric_name: _Optional[str] = ..., metric: _Optional[float] = ..., allocated_workers: _Optional[int] = ..., queued_s: _Optional[float] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs",)

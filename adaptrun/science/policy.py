@@ -247,6 +247,23 @@ def _local_batch_grid(lo: int, hi: int, points: int) -> np.ndarray:
     return grid[(grid >= lo) & (grid <= hi)]
 
 
+def _configs(b: "JobBounds", grid: np.ndarray, rs: np.ndarray):
+    """Arrays (replicas, local_batch, accum_steps) of the configurations over replica counts
+    ``rs`` within the bounds: the local-batch grid, plus for each (replicas, accum) the local
+    batches that hit the batch bounds exactly."""
+    ks = np.arange(0, b.max_accum_steps + 1)
+    r, a, k = (x.ravel() for x in np.meshgrid(rs, grid, ks, indexing="ij"))
+    r2, k2 = (x.ravel() for x in np.meshgrid(rs, ks, indexing="ij"))
+    per = r2 * (k2 + 1)
+    r = np.concatenate([r, r2, r2])
+    k = np.concatenate([k, k2, k2])
+    a = np.concatenate([a, b.max_batch // per, -(-b.init_batch // per)])
+    batch = r * a * (k + 1)
+    ok = ((batch >= b.init_batch) & (batch <= b.max_batch)
+          & (a >= b.local_batch_min) & (a <= b.local_batch_max))
+    return r[ok], a[ok], k[ok]
+
+
 @dataclass
 class _Measured:
     step_sum: float = 0.0
@@ -525,24 +542,31 @@ class Policy:
         b = self.bounds
         max_seen = max((r for (_, r, _, _) in self._measured), default=b.min_replicas)
         r_hi = int(min(b.max_replicas, max(b.min_replicas, self.explore_factor * max_seen)))
-        rs = np.arange(b.min_replicas, r_hi + 1)
-        ks = np.arange(0, b.max_accum_steps + 1)
-        r, a, k = (x.ravel() for x in np.meshgrid(rs, self._grid, ks, indexing="ij"))
-        r2, k2 = (x.ravel() for x in np.meshgrid(rs, ks, indexing="ij"))
-        per = r2 * (k2 + 1)
-        edges = [b.max_batch // per, -(-b.init_batch // per)]
-        r = np.concatenate([r, r2, r2])
-        k = np.concatenate([k, k2, k2])
-        a = np.concatenate([a] + edges)
-        batch = r * a * (k + 1)
-        ok = ((batch >= b.init_batch) & (batch <= b.max_batch)
-              & (a >= b.local_batch_min) & (a <= b.local_batch_max))
+        r, a, k = _configs(b, self._grid, np.arange(b.min_replicas, r_hi + 1))
+        ok = np.ones(r.shape, dtype=bool)
         if b.max_accum_steps > 0:
             # One replica measures the gradient noise only between its micro-batches: keep
             # two or more where the script allows it, or the noise scale (and with it the
             # batch) would freeze at its last estimate.
             ok &= (r > 1) | (k > 0)
         return r[ok], a[ok], k[ok]
+
+    def goodput_by_workers(self, max_workers: int) -> np.ndarray | None:
+        """Predicted goodput at each worker count n = 0..max_workers, each at its best batch
+        and local batch within the job's batch bounds (entry 0, and counts where no batch
+        fits, are 0), from the fitted throughput model and the noise scale in force. What a
+        cluster allocator weighs; None before the job has measured a step time and a noise
+        scale."""
+        if self.last_report is None or self._stats is None or self.params is None:
+            return None
+        r, a, k = _configs(self.bounds, self._grid, np.arange(1, max_workers + 1))
+        out = np.zeros(max_workers + 1)
+        if r.size == 0:
+            return out
+        sqr, var = self._stats
+        g = self.goodput(r, a, k, grad_sqr=sqr, grad_var=var)
+        np.maximum.at(out, r, g)
+        return out
 
     def goodput(self, replicas, local_batch, accum_steps, grad_sqr=None, grad_var=None):
         """Predicted B0-equivalent examples/s of configurations (vectorised)."""
