@@ -148,8 +148,10 @@ def test_dashboard_is_generated_parses_and_reads_exported_metrics(tmp_path):
                  "Noise scale and global batch", "Learning rate", "Workers and bounds",
                  "Rejected reports", "annotation Resizes decided"):
         assert want in titles, want
+    assert "Cluster: GPUs allocated" in titles and "Cluster: workers per job" in titles
     for where, expr in exprs:
-        assert '{job_id="$job_id"}' in expr, where
+        if not where.startswith("Cluster:"):      # the cluster row shows every job at once
+            assert '{job_id="$job_id"}' in expr, where
     # Every expr parses: promtool checks them as recording rules of a scratch file.
     scratch = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"dashboard:expr:{i}", "expr": grafana_to_promql(e, "x")}
@@ -167,6 +169,7 @@ def test_dashboard_is_generated_parses_and_reads_exported_metrics(tmp_path):
     m.observe_report(r, report_figures(r))
     m.set_workers_desired("x", 1)
     m.set_policy_wanted("x", 1)
+    m.set_allocated("x", 1, 0.0)
     exported = {s.name for fam in m.registry.collect() for s in fam.samples}
     text = committed + (PROM / "rules.yml").read_text()
     read = set(re.findall(r"(?<![:\w])(adaptrun_[a-z_]+)", text))

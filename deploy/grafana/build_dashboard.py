@@ -66,6 +66,19 @@ ROWS = [
          "reqps", [("sum by (reason) (rate(adaptrun_rejected_reports_total"
                     '{job_id="$job_id"}[$__rate_interval]))', "{{reason}}")], 12, {}),
     ],
+    [
+        ("Cluster: GPUs allocated", "Under a controller with --capacity: the GPUs its cluster "
+         "allocation shares, how many it gives to jobs, and the jobs waiting in its queue.",
+         "none", [("adaptrun_cluster_capacity_gpus", "capacity"),
+                  ("adaptrun_cluster_allocated_gpus", "allocated"),
+                  ("adaptrun_cluster_queued_jobs", "jobs queued")], 12,
+         {"decimals": 0, "dashed": ("capacity",)}),
+        ("Cluster: workers per job", "Workers the allocation gives each job (0: queued), and "
+         "how long each queued job has waited.",
+         "none", [("adaptrun_workers_allocated", "{{job_id}}"),
+                  ("adaptrun_job_queued_seconds > 0", "{{job_id}} queued (s)")], 12,
+         {"decimals": 0}),
+    ],
 ]
 
 STATS = [
