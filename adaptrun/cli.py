@@ -759,11 +759,14 @@ def agent_command(target, job_id, nproc_per_node, nnodes, rdzv_endpoint, rdzv_co
               show_default=True, help="Run the agents as local processes or as Ray actors.")
 @click.option("--ray-address", default=None, help="With --backend ray: the Ray cluster "
               "(auto, HOST:PORT or ray://HOST:PORT; default: a local Ray instance for the run).")
+@click.option("--capacity", default="", help="Give the embedded controller a cluster "
+              "allocation over this many slots (NODESxGPUS, as `adaptrun controller "
+              "--capacity`); default: none.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, max_global_batch,
                 local_batch_min, local_batch_max, port, metrics_port, policy_interval_s,
                 resize_cost_s, report_dir, log_dir, plot, progress, backend, ray_address,
-                command):
+                capacity, command):
     """Train on this machine with an embedded controller and local agents:
     `adaptrun run --min-workers 1 --max-workers 3 -- python train.py ARGS`."""
     import logging
@@ -796,7 +799,7 @@ def run_command(min_workers, max_workers, nproc_per_node, job_id, init_batch, ma
                            port=port, metrics_port=metrics_port,
                            policy_interval_s=policy_interval_s, resize_cost_s=resize_cost_s,
                            log_dir=pathlib.Path(log_dir), backend=backend,
-                           ray_address=ray_address, gpus=gpus).validate()
+                           ray_address=ray_address, gpus=gpus, capacity=capacity).validate()
         if ray_address and backend != "ray":
             raise ValueError("--ray-address is an option of --backend ray")
     except ValueError as exc:

@@ -52,6 +52,7 @@ class RunConfig:
     backend: str = "local"           # what runs the agents: "local" processes or "ray" actors
     ray_address: str | None = None   # ray: None starts a local Ray instance for the run
     gpus: tuple[str, ...] = ()       # GPU ids the agents share out (CUDA_VISIBLE_DEVICES)
+    capacity: str = ""               # the embedded controller's cluster allocation ("": none)
 
     def validate(self) -> "RunConfig":
         if self.backend not in ("local", "ray"):
@@ -70,6 +71,12 @@ class RunConfig:
                 f"--max-workers {self.max_workers} is more than the {len(self.gpus)} GPUs of "
                 f"this machine ({','.join(self.gpus)}): one worker per GPU; lower --max-workers, "
                 "or set ADAPTRUN_DEVICE=cpu to train on the CPU")
+        if self.capacity:
+            from adaptrun.science.allocation import AllocationError, Cluster
+            try:
+                Cluster.parse(self.capacity)
+            except AllocationError as exc:
+                raise ValueError(f"--capacity: {exc}") from None
         return self
 
 
@@ -114,7 +121,8 @@ class LocalRun:
             self.controller = Controller(
                 ControllerConfig(port=c.port, metrics_port=c.metrics_port,
                                  policy_interval_s=c.policy_interval_s,
-                                 resize_cost_s=c.resize_cost_s, report_interval_s=1.0),
+                                 resize_cost_s=c.resize_cost_s, report_interval_s=1.0,
+                                 capacity=c.capacity),
                 actuator=self.actuator).start()
             self.actuator.set_workers(c.job_id, c.min_workers)
         except BaseException:

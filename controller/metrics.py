@@ -162,11 +162,7 @@ class Metrics:
             "adaptrun_policy_seconds", "Time of one policy run (observe + decide)", [LABEL],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r)
-        self.cluster = {k: Gauge(name, doc, registry=r) for k, (name, doc) in {
-            "capacity": ("adaptrun_cluster_capacity_gpus", "GPUs the cluster allocation shares"),
-            "used": ("adaptrun_cluster_allocated_gpus", "GPUs allocated to jobs"),
-            "queued": ("adaptrun_cluster_queued_jobs", "Jobs waiting for their minimum"),
-        }.items()}
+        self.cluster: dict | None = None      # made by the first set_cluster (--capacity)
         self._children: dict[str, _JobChildren] = {}
         self._flush_lock = threading.Lock()
         self._http = None
@@ -196,6 +192,14 @@ class Metrics:
         self._gauge(job_id, "workers_desired").set(workers)
 
     def set_cluster(self, capacity: int, used: int, queued: int) -> None:
+        """The cluster allocation's figures; the series exist only under a capacity."""
+        if self.cluster is None:
+            self.cluster = {k: Gauge(name, doc, registry=self.registry) for k, (name, doc) in {
+                "capacity": ("adaptrun_cluster_capacity_gpus",
+                             "GPUs the cluster allocation shares"),
+                "used": ("adaptrun_cluster_allocated_gpus", "GPUs allocated to jobs"),
+                "queued": ("adaptrun_cluster_queued_jobs", "Jobs waiting for their minimum"),
+            }.items()}
         self.cluster["capacity"].set(capacity)
         self.cluster["used"].set(used)
         self.cluster["queued"].set(queued)

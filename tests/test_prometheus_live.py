@@ -118,6 +118,7 @@ def test_every_dashboard_and_rule_query_returns_data_from_a_live_run(tmp_path):
     run_cmd = [sys.executable, "-m", "adaptrun.cli", "run", "--job", JOB, "--min-workers", "1",
                "--max-workers", "1", "--port", str(port), "--metrics-port", str(metrics_port),
                "--policy-interval-s", "1", "--log-dir", str(tmp_path / "logs"), "--no-progress",
+               "--capacity", "1",     # the cluster row of the dashboard has data too
                "--", sys.executable, str(harness.WORKER), "--samples", "2048", "--batch", "32",
                "--epochs", "500", "--step-sleep", "0.02", "--out", str(out)]
     prom_cmd = [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",

@@ -170,6 +170,7 @@ def test_dashboard_is_generated_parses_and_reads_exported_metrics(tmp_path):
     m.set_workers_desired("x", 1)
     m.set_policy_wanted("x", 1)
     m.set_allocated("x", 1, 0.0)
+    m.set_cluster(4, 1, 0)
     exported = {s.name for fam in m.registry.collect() for s in fam.samples}
     text = committed + (PROM / "rules.yml").read_text()
     read = set(re.findall(r"(?<![:\w])(adaptrun_[a-z_]+)", text))

@@ -162,7 +162,10 @@ def _snapshot(ctl, job_id):
 @pytest.mark.timeout(90)
 def test_tokens_guard_every_rpc(tokens_file):
     sec = ServerSecurity(tokens=TokenTable.load(tokens_file))
-    with controller(sec) as ctl, grpc.insecure_channel(ctl.address) as ch:
+    # The policy runs only when asked (SetBounds below): a directive of its own between the
+    # two snapshots would read as a refused call that changed the job.
+    with controller(sec, policy_interval_s=60.0) as ctl, \
+            grpc.insecure_channel(ctl.address) as ch:
         stub = pb_grpc.ControllerStub(ch)
         agent_a = stub.Register(pb.RegisterRequest(
             job_id="job-a", node="n0", slots=1, address="127.0.0.1:1", bounds=BOUNDS),

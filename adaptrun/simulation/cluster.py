@@ -214,6 +214,16 @@ class _Job:
             self.gpu_s -= self.workers * (end - t)
 
 
+def _grant(active: list[_Job], out: dict, wants: dict, free: int) -> int:
+    """Raise each job towards its want from ``free`` GPUs, in arrival order; the rest."""
+    for j in active:
+        more = min(wants[j.spec.name] - out[j.spec.name], free)
+        if more > 0:
+            out[j.spec.name] += more
+            free -= more
+    return free
+
+
 def _decide(policy: str, active: list[_Job], cluster: Cluster, resize_cost_s: float,
             interval_s: float, placed: dict, now: float, p: float) -> dict:
     cap = cluster.capacity
@@ -236,25 +246,12 @@ def _decide(policy: str, active: list[_Job], cluster: Cluster, resize_cost_s: fl
             out[j.spec.name] = n
             left -= n
         # What a capped job leaves goes to the others in arrival order.
-        for j in active:
-            more = min(j.spec.max_workers - out[j.spec.name], left)
-            out[j.spec.name] += more
-            left -= more
+        _grant(active, out, {j.spec.name: j.spec.max_workers for j in active}, left)
         return out
     if policy == "alone":
-        out = {j.spec.name: j.workers for j in active}
-        free = cap - sum(out.values())
-        for j in active:
-            want = j.best_count()
-            if want < out[j.spec.name]:
-                free += out[j.spec.name] - want
-                out[j.spec.name] = want
-        for j in active:
-            want = j.best_count()
-            if want > out[j.spec.name] and free > 0:
-                more = min(want - out[j.spec.name], free)
-                out[j.spec.name] += more
-                free -= more
+        wants = {j.spec.name: j.best_count() for j in active}
+        out = {j.spec.name: min(j.workers, wants[j.spec.name]) for j in active}
+        _grant(active, out, wants, cap - sum(out.values()))
         return out
     if policy == "fifo":
         out = {j.spec.name: j.workers for j in active}

@@ -76,7 +76,7 @@ ROWS = [
         ("Cluster: workers per job", "Workers the allocation gives each job (0: queued), and "
          "how long each queued job has waited.",
          "none", [("adaptrun_workers_allocated", "{{job_id}}"),
-                  ("adaptrun_job_queued_seconds > 0", "{{job_id}} queued (s)")], 12,
+                  ("adaptrun_job_queued_seconds", "{{job_id}} queued (s)")], 12,
          {"decimals": 0}),
     ],
 ]
