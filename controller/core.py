@@ -521,7 +521,8 @@ class ControllerCore:
         self._changed(job)
         self._allocation_due = True
         log.info("job %s: bounds now [%d, %d] workers", job_id, min_workers, max_workers)
-        self._follow_bounds(job, has_reports)
+        if job.allocated != 0:      # a queued job moves when the allocation admits it
+            self._follow_bounds(job, has_reports)
         return job
 
     def _follow_bounds(self, job: Job, has_reports: bool) -> None:

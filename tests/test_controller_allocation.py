@@ -52,6 +52,14 @@ def test_a_full_cluster_queues_the_late_job_and_admits_it_when_one_finishes():
         assert out.exit_code == 0, out.output
         assert "queue: late" in out.output
 
+        # New bounds for a queued job do not start it: the allocation admits it.
+        moves = len(ctl.actuator_changes)
+        stub.SetBounds(pb.SetBoundsRequest(job_id="late", min_workers=2, max_workers=3),
+                       timeout=5)
+        time.sleep(0.5)
+        assert _jobs(stub)["late"].allocated_workers == 0
+        assert not any(c[0] == "late" for c in ctl.actuator_changes[moves:])
+
         send_reports(stub, agents["first"], [report("first", step=1, world_size=2),
                                              report("first", step=2, world_size=2,
                                                     finished=True)])
