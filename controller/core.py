@@ -572,9 +572,9 @@ class ControllerCore:
                 rep = j.policy.last_report
                 cost = j.policy.resize_cost_s
             current = j.allocated
-            if current < 0:
-                current = self.actuator.current_workers(j.job_id)
-                current = rep.world_size if current is None and rep is not None else current or 0
+            if current < 0:     # before its first allocation: what it runs now
+                known = self.actuator.current_workers(j.job_id)
+                current = known if known is not None else rep.world_size if rep else 0
             hi = b.max_replicas
             if curve is None or not curve[b.min_replicas] > 0:
                 hi = min(max(current, b.min_replicas), b.max_replicas)

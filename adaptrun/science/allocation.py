@@ -160,42 +160,34 @@ def allocate(jobs: list[JobDemand], cluster: Cluster, p: float = -1.0,
         j.check()
     admitted, queued = _admit(jobs, cluster.capacity)
     workers = {j.name: 0 for j in jobs}
+    objective = 0.0
     if admitted:
-        cost, counts, rows, cols, size = [], [], [], [], []
+        terms, counts, owner = [], [], []
         for i, j in enumerate(admitted):
             s = speedups(j, horizon_s)
             n = np.arange(j.min_workers, j.max_workers + 1)
             # Dominated choices (more workers, no more speedup) never help: drop them.
             keep = s > np.maximum.accumulate(np.concatenate([[-np.inf], s[:-1]]))
-            s, n = s[keep], n[keep]
-            term = j.weight * np.power(np.maximum(s, 1e-12), p)
-            cost.append(term if p < 0 else -term)
-            start = sum(len(cc) for cc in counts)
-            counts.append(n)
-            rows.extend([i] * len(n))
-            cols.extend(range(start, start + len(n)))
-        c = np.concatenate(cost)
-        n_all = np.concatenate(counts)
-        m = len(admitted)
-        one_hot = coo_matrix((np.ones(len(cols)), (rows, cols)), shape=(m, len(c)))
+            terms.append(j.weight * np.power(np.maximum(s[keep], 1e-12), p))
+            counts.append(n[keep])
+            owner.append(np.full(int(keep.sum()), i))
+        term, n_all, rows = np.concatenate(terms), np.concatenate(counts), np.concatenate(owner)
+        one_hot = coo_matrix((np.ones(len(term)), (rows, np.arange(len(term)))),
+                             shape=(len(admitted), len(term)))
         cons = [LinearConstraint(one_hot, 1, 1),
                 LinearConstraint(n_all[None, :].astype(float), 0, cluster.capacity)]
-        res = milp(c, constraints=cons, integrality=np.ones(len(c)), bounds=Bounds(0, 1),
-                   options={"time_limit": time_limit_s, "mip_rel_gap": 1e-6})
+        res = milp(term if p < 0 else -term, constraints=cons, integrality=np.ones(len(term)),
+                   bounds=Bounds(0, 1), options={"time_limit": time_limit_s,
+                                                 "mip_rel_gap": 1e-6})
         if res.x is None:
             raise AllocationError(f"the allocation found no solution ({res.message})")
-        x = res.x > 0.5
-        offsets = np.cumsum([0] + [len(cc) for cc in counts])
-        for i, j in enumerate(admitted):
-            sel = np.flatnonzero(x[offsets[i]:offsets[i + 1]])
-            workers[j.name] = int(counts[i][sel[0]])
-    total_w = sum(j.weight for j in admitted) or 1.0
-    acc = sum(j.weight * float(np.power(
-        max(speedups(j, horizon_s)[workers[j.name] - j.min_workers], 1e-12), p))
-        for j in admitted)
-    objective = (acc / total_w) ** (1.0 / p) if admitted else 0.0
+        chosen = np.flatnonzero(res.x > 0.5)
+        for col in chosen:
+            workers[admitted[rows[col]].name] = int(n_all[col])
+        total_w = sum(j.weight for j in admitted)
+        objective = float((term[chosen].sum() / total_w) ** (1.0 / p))
     return Allocation(workers, place(workers, cluster, previous or {}),
-                      tuple(j.name for j in queued), float(objective))
+                      tuple(j.name for j in queued), objective)
 
 
 def place(workers: dict, cluster: Cluster, previous: dict) -> dict:
