@@ -22,7 +22,7 @@ process, start-up included.
 Prints per example a table: setting, metric mean +- std, wall time, optimizer steps, and the
 ratios adaptive / fixed_b0 (and fixed_large / fixed_b0) of steps and metric.
 
-    python benchmarks/quality.py --seeds 3
+    python benchmarks/quality.py --seeds 3 --under-run
     python benchmarks/quality.py --only digits --epochs 3 --under-run
 """
 from __future__ import annotations
@@ -38,10 +38,12 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Epochs: long enough that the controller sees the run (its policy decides every few
+# seconds of a run that is tens of seconds long on 2 cores), the same for every setting.
 EXAMPLES = {
-    "digits": {"script": "digits_cnn.py", "b0": 32, "better": "higher"},
-    "char": {"script": "char_lm.py", "b0": 32, "better": "lower"},
-    "transformer": {"script": "transformer_lm.py", "b0": 32, "better": "lower"},
+    "digits": {"script": "digits_cnn.py", "b0": 32, "better": "higher", "epochs": 30},
+    "char": {"script": "char_lm.py", "b0": 32, "better": "lower", "epochs": 10},
+    "transformer": {"script": "transformer_lm.py", "b0": 32, "better": "lower", "epochs": 10},
 }
 SETTINGS = ("fixed_b0", "fixed_large", "adaptive")
 
@@ -97,9 +99,8 @@ def run_one(cmd: list[str], timeout_s: float, log_dir: pathlib.Path | None) -> d
 
 
 def command(example: dict, setting: str, seed: int, args, tmp: pathlib.Path):
-    flags = setting_flags(setting, example["b0"], args.large_factor) + ["--seed", str(seed)]
-    if args.epochs:
-        flags += ["--epochs", str(args.epochs)]
+    flags = setting_flags(setting, example["b0"], args.large_factor) + [
+        "--seed", str(seed), "--epochs", str(args.epochs or example["epochs"])]
     script = [sys.executable, str(REPO / "examples" / example["script"]), *flags]
     if setting == "adaptive" and args.under_run:
         log_dir = pathlib.Path(tempfile.mkdtemp(dir=tmp))
@@ -139,7 +140,8 @@ def print_table(name: str, example: dict, results: dict, args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
-    p.add_argument("--epochs", type=int, default=0, help="0: each example's default")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="0: each example's benchmark length (digits 30, the LMs 10)")
     p.add_argument("--only", choices=sorted(EXAMPLES), default=None)
     p.add_argument("--large-factor", type=int, default=8, help="fixed_large = factor x B0")
     p.add_argument("--under-run", action="store_true",

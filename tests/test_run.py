@@ -129,6 +129,39 @@ def test_adaptrun_run_adapts_batch_and_workers_exactly_once(tmp_path):
     assert loss < 1.05 * ref_loss
 
 
+@pytest.mark.timeout(200)
+def test_a_script_that_reports_no_loss_runs_with_bounded_moves_and_is_told_so(tmp_path):
+    """A script that never calls record_loss trains to the end under adaptrun run: its batch
+    still grows with the noise scale, by at most the bounded factor per decision (nothing
+    can check a move), every decision line says so, and every sample is counted once."""
+    samples, epochs, b0 = 4000, 6, 32
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "adaptrun.cli", "run", "--job", "noloss", "--min-workers", "1",
+           "--max-workers", "1", "--max-global-batch", "1024", "--local-batch-min", "8",
+           "--policy-interval-s", "1", "--log-dir", str(tmp_path / "logs"), "--plot", "",
+           "--no-progress", "--", sys.executable, str(harness.WORKER), "--samples",
+           str(samples), "--batch", str(b0), "--epochs", str(epochs), "--lr", "0.05",
+           "--step-sleep", "0.01", "--no-loss", "--out", str(out)]
+    proc = harness.start(cmd, harness.base_env(), tmp_path / "run.log")
+    try:
+        assert proc.wait(timeout=180) == 0, harness.tail(tmp_path / "run.log")
+    finally:
+        harness.stop(proc)
+    log = (tmp_path / "run.log").read_text()
+    decisions = [line for line in log.splitlines() if "] decision " in line]
+    assert decisions, harness.tail(tmp_path / "run.log")
+    assert all("(no loss reported: batch moves are bounded, not checked)" in line
+               for line in decisions if "batch" in line.split(": ", 2)[-1]), decisions
+    rows = sorted((r for r in harness.read_steps(out) if r["event"] == "step" and r["rank"] == 0),
+                  key=lambda r: r["t"])
+    batches = [r["global_batch"] for r in rows]
+    assert max(batches) > b0, f"the batch never grew: {sorted(set(batches))}"
+    assert all(b <= 4 * a for a, b in zip(batches, batches[1:])), sorted(set(batches))
+    counts = np.array(json.loads((out / "result.json").read_text())["counts"])
+    assert counts.shape == (epochs, samples) and (counts == 1).all()
+
+
 def _attack(controller: str) -> None:
     """Bad input from a raw gRPC client while job e2e trains: each is rejected with a status
     that says why."""

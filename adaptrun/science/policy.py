@@ -37,15 +37,17 @@ Moves.
 - Without a noise-scale estimate the batch stays where it is, and the reason says so.
 
 The batch, checked against the loss (``progress_check``).
-- It grows at most ``batch_growth_max`` (4x) per decision, and not at all while the last
-  increase is being checked (``check_reports`` reports).
-- The check compares the progress per example the loss curve realized after the move with
-  the efficiency ratio the statistics predicted; below ``check_shortfall`` of it the batch
+- It grows at most ``batch_growth_max`` (4x) per decision, and holds (neither up nor down)
+  while the last increase is being checked (``check_reports`` reports) or a probe's batch is
+  not yet applied.
+- The check compares the progress per example the loss curve realized after the move (a
+  range, from the scatter of the reports) with the efficiency ratio the statistics
+  predicted; when even the top of the range is below ``check_shortfall`` of it, the batch
   backs off below the move and is capped for ``holdoff_runs`` decisions (doubling with each
   back-off); the decision line begins ``back off:``.
 - Where the noise scale sees no gain but the loss keeps falling, the policy probes a 1.5-2x
-  larger batch (``_probe``) and keeps it when it realizes ``probe_keep`` of the progress per
-  example, as a floor the noise scale does not take back.
+  larger batch (``_probe``) and keeps it when the bottom of the range reaches ``probe_keep``
+  of the progress per example, as a floor the noise scale does not take back.
 - A job that reports no loss gets the bounded growth unchecked, and its decision lines say so.
 
 Figures (each rule against the hindsight oracle, the critical batch by branched training):
@@ -59,7 +61,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from .efficiency import efficiency, gain
-from .progress_check import BatchMove, fit_log_curve, realized_ratio
+from .progress_check import BatchMove, fit_log_curve, realized_interval
 from .report import Report
 from .throughput import ThroughputParams, ThroughputSample, fit, step_time
 
@@ -287,6 +289,14 @@ class _Moves:
     backoffs: int = 0
     batch_floor: int = 0                            # a batch a probe measured efficient
     probe_to: int = 0                               # the batch a probe decided, not yet seen
+    probe_run: int = -1                             # the decision that made it
+
+    def probe_pending(self, holdoff_runs: int) -> bool:
+        """A probe was decided and its batch not yet seen in a report; one whose directive
+        was never applied lapses after ``holdoff_runs`` decisions."""
+        if self.probe_to and self.runs - self.probe_run > holdoff_runs:
+            self.probe_to = 0
+        return bool(self.probe_to)
 
     def cap(self) -> int:
         """The batch ceiling in force after a back-off (0: none)."""
@@ -324,7 +334,7 @@ class Policy:
     stats_window: int = 3
     batch_growth_max: float = 4.0
     check_reports: int = 6
-    check_shortfall: float = 0.5
+    check_shortfall: float = 0.75
     probe_keep: float = 0.9
     _measured: dict = field(default_factory=dict, repr=False)
     _moves: _Moves = field(default_factory=_Moves, repr=False)
@@ -383,13 +393,17 @@ class Policy:
         x0 = self._examples - (report.step - prev.step) * old
         probe, self._moves.probe_to = self._moves.probe_to == new, 0
         keep_at = self.probe_keep if probe else self.check_shortfall * predicted
-        return BatchMove(x0, old, new, predicted, fit[0], fit[1], probe, keep_at)
+        return BatchMove(x0, old, new, predicted, fit.a, fit.b, probe, keep_at, fit.sigma,
+                         fit.lx_mean, fit.sxx, fit.points)
 
     def _checked_move(self) -> str:
-        """Judge the batch move being checked once enough reports came after it: when the
-        progress per example it realized falls short of ``check_shortfall`` of the predicted,
-        cap the batch below it (``holdoff_runs`` decisions, doubling with every back-off)
-        and return the reason; "" otherwise."""
+        """Judge the batch move being checked once enough reports came after it, on the side
+        of the realized ratio's range that is known (``realized_interval``): a move the
+        statistics predicted is backed off when even the top of the range is below
+        ``check_shortfall`` of the predicted ratio; a probe is kept only when the bottom of
+        the range reaches ``probe_keep``. A back-off caps the batch below the move
+        (``holdoff_runs`` decisions, doubling with every back-off) and returns the reason;
+        "" otherwise."""
         mv = self._check
         if mv is None:
             return ""
@@ -397,11 +411,13 @@ class Policy:
         if len(after) < self.check_reports:
             return ""
         self._check = None
-        rho = realized_ratio(mv, after)
+        lo, rho, hi = realized_interval(mv, after)
         m = self._moves
-        if not rho < mv.keep_at:
-            if mv.probe:           # measured: the bigger batch costs no progress per example
+        if mv.probe:
+            if lo >= mv.keep_at:   # measured: the bigger batch costs no progress per example
                 m.batch_floor = max(m.batch_floor, mv.new_batch)
+                return ""
+        elif not hi < mv.keep_at:
             return ""
         m.batch_floor = min(m.batch_floor, mv.old_batch)
         m.backoffs += 1
@@ -409,9 +425,10 @@ class Policy:
         m.batch_cap_until = m.runs + self.holdoff_runs * 2 ** (m.backoffs - 1)
         promised = (f"the probe needed {mv.keep_at:.2f}" if mv.probe else
                     f"the noise scale predicted {mv.predicted:.2f}")
-        return (f"back off: batch {mv.old_batch} -> {mv.new_batch} realized {rho:.2f} of the "
-                f"progress per example at {mv.old_batch} ({promised}); batch at most "
-                f"{mv.old_batch} for {m.batch_cap_until - m.runs} decisions")
+        return (f"back off: batch {mv.old_batch} -> {mv.new_batch} realized {rho:.2f} "
+                f"({lo:.2f}-{hi:.2f}) of the progress per example at {mv.old_batch} "
+                f"({promised}); batch at most {mv.old_batch} for "
+                f"{m.batch_cap_until - m.runs} decisions")
 
     def with_bounds(self, bounds: JobBounds) -> "Policy":
         """The same policy, with what it learned, under new bounds (``adaptrun scale``)."""
@@ -449,13 +466,14 @@ class Policy:
                       "barred_until": [[r, until] for r, until in m.barred_until.items()],
                       "batch_last": None if m.batch_last is None else list(m.batch_last),
                       "batch_cap": [m.batch_cap, m.batch_cap_until, m.backoffs],
-                      "batch_floor": [m.batch_floor, m.probe_to]},
+                      "batch_floor": [m.batch_floor, m.probe_to, m.probe_run]},
             "curve": [[_num(x), _num(loss), b] for x, loss, b in self._curve],
             "examples": _num(self._examples),
             "check": None if self._check is None else [
                 _num(self._check.examples), self._check.old_batch, self._check.new_batch,
                 _num(self._check.predicted), _num(self._check.a), _num(self._check.b),
-                self._check.probe, _num(self._check.keep_at)],
+                self._check.probe, _num(self._check.keep_at), _num(self._check.sigma),
+                _num(self._check.lx_mean), _num(self._check.sxx), self._check.points],
             "last_report": None if self.last_report is None else {
                 k: _num(v) if isinstance(v, float) else v
                 for k, v in self.last_report.to_dict().items()},
@@ -494,8 +512,8 @@ class Policy:
                            (_int(mv["batch_last"][0]), _int(mv["batch_last"][1])),
                            **dict(zip(("batch_cap", "batch_cap_until", "backoffs"),
                                       (_int(x) for x in mv.get("batch_cap", [0, -1, 0])))),
-                           **dict(zip(("batch_floor", "probe_to"),
-                                      (_int(x) for x in mv.get("batch_floor", [0, 0])))))
+                           **dict(zip(("batch_floor", "probe_to", "probe_run"),
+                                      (_int(x) for x in mv.get("batch_floor", [0, 0, -1])))))
             curve = [(_float(x), _float(loss), _int(b)) for x, loss, b in state.get("curve", [])]
             examples = _float(state.get("examples", 0.0))
             check = state.get("check")
@@ -503,7 +521,9 @@ class Policy:
                 check = BatchMove(_float(check[0]), _int(check[1]), _int(check[2]),
                                   _float(check[3]), _float(check[4]), _float(check[5]),
                                   bool(check[6]) if len(check) > 6 else False,
-                                  _float(check[7]) if len(check) > 7 else 0.0)
+                                  _float(check[7]) if len(check) > 7 else 0.0,
+                                  *(_float(x) for x in check[8:11]),
+                                  *(_int(x) for x in check[11:12]))
             rep = state["last_report"]
             if rep is not None:
                 rep = Report.from_dict({k: _float(v) if k in _REPORT_FLOATS else v
@@ -651,9 +671,12 @@ class Policy:
             keep &= batch == current.global_batch
         # A warmup that follows the signal: the batch grows by at most batch_growth_max per
         # decision, and stays under the ceiling of a move that was backed off.
-        # A move still being checked holds the batch where it is until the check is done.
-        growth = 1.0 if self._check is not None else self.batch_growth_max
-        keep &= batch <= max(growth * current.global_batch, self.bounds.init_batch)
+        # A move still being checked (or a probe not yet applied) holds the batch where it is,
+        # either way, until the check is done: undoing it first would measure nothing.
+        if self._check is not None or self._moves.probe_pending(self.holdoff_runs):
+            keep &= batch == current.global_batch
+        keep &= batch <= max(self.batch_growth_max * current.global_batch,
+                             self.bounds.init_batch)
         cap = self._moves.cap()
         if cap:
             keep &= batch <= max(cap, self.bounds.init_batch)
@@ -761,7 +784,7 @@ class Policy:
         if probe is not None:
             i, fit_note = probe
             cfg = Config(int(r[i]), int(a[i]), int(k[i]))
-            self._moves.probe_to = cfg.global_batch
+            self._moves.probe_to, self._moves.probe_run = cfg.global_batch, self._moves.runs
             self._moves.batch_last = (self._moves.runs, 1)
             return Decision(cfg, current, g_cur, float(g[i]),
                             f"probe: batch {current.global_batch} -> {cfg.global_batch} to "
@@ -777,7 +800,8 @@ class Policy:
         example (at no less throughput per example, so at no less goodput). Returns (index
         of the candidate, a note) or None."""
         m = self._moves
-        if self.probe_keep <= 0 or self._check is not None or m.cap() or m.probe_to:
+        if (self.probe_keep <= 0 or self._check is not None or m.cap()
+                or m.probe_pending(self.holdoff_runs)):
             return None
         pts = [(x, loss) for x, loss, b in self._curve if b == current.global_batch][-8:]
         if len(pts) < 8 or fit_log_curve(pts) is None:

@@ -106,6 +106,8 @@ def main() -> None:
                    help="train under torch.amp.GradScaler with this initial scale")
     p.add_argument("--inf-at-step", type=int, default=-1,
                    help="with --grad-scaler: rank 0's loss is inf at this step (the scaler skips)")
+    p.add_argument("--no-loss", action="store_true",
+                   help="never call record_loss (a script that reports no loss)")
     p.add_argument("--out", default="")
     args = p.parse_args()
 
@@ -158,7 +160,8 @@ def main() -> None:
                     dist.all_reduce(step_counts)
                 model.module.counts[epoch] += step_counts
                 step_counts.zero_()
-                model.record_loss(loss)
+                if not args.no_loss:
+                    model.record_loss(loss)
             if scaler is None:
                 opt.step()
             else:
