@@ -11,7 +11,6 @@ and holds the new pods behind Kueue's scheduling gate until then.
 """
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import time
@@ -24,39 +23,16 @@ from adaptrun.controller.server import Controller
 from adaptrun.generated import control_plane_pb2 as pb
 from adaptrun.science.allocation import Cluster
 from controller_support import channel_to, register
-from k8s_api_double import MERGE, K8sApiDouble
-from test_kubernetes_actuator import Notes, wait_for
+from k8s_api_double import MERGE
+from test_kubernetes_actuator import api_double, k8s_actuator, wait_for
 
 CLI = [sys.executable, "-m", "adaptrun.cli"]
 NS = "train"
 JOB = f"/apis/batch/v1/namespaces/{NS}/jobs/%s"
 CQ = "team-a"
+FAST_QUEUE = {"cluster_queue": CQ, "queue_read_s": 0.1}    # the ClusterQueue read every 0.1 s
 TWO_TO_FOUR = pb.JobBounds(min_workers=2, max_workers=4, init_batch=64, max_global_batch=1024,
                            local_batch_min=8, local_batch_max=128)
-
-
-@contextlib.contextmanager
-def api_double():
-    double = K8sApiDouble().start()
-    try:
-        yield double
-    finally:
-        double.close()
-
-
-@contextlib.contextmanager
-def k8s_actuator(double, tmp_path, targets, bounds=None, **options):
-    """The real actuator and client, configured by a kubeconfig that points at the double."""
-    kubeconfig = double.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
-    options = {"poll_s": 0.05, "retry_s": 0.5, "scale_down_delay_s": 0.0, "queue_read_s": 0.1,
-               **options}
-    act = create_actuator("kubernetes", targets=targets, kubeconfig=str(kubeconfig), **options)
-    notes = Notes(bounds)
-    act.bind(notes.notify, notes.bounds.get)
-    try:
-        yield act, notes
-    finally:
-        act.close()
 
 
 def job_patches(double, name):
@@ -202,7 +178,7 @@ def test_capacity_is_the_quota_less_what_other_workloads_hold(tmp_path):
         double.set_other_usage(CQ, 2)
         double.add_job(NS, "ej", parallelism=2, queue="lq", gpus_per_pod=2)
         with k8s_actuator(double, tmp_path, ["j=job/ej"], nproc_per_node=2,
-                          cluster_queue=CQ) as (act, _):
+                          **FAST_QUEUE) as (act, _):
             wait_for(lambda: act.capacity() is not None, 10, "a capacity")
             assert act.capacity() == Cluster(3, 2)            # 8 - 2 others: 6 GPUs
             double.set_other_usage(CQ, 5)
@@ -237,7 +213,7 @@ def test_the_allocation_moves_elastic_jobs_within_the_cluster_queues_quota(tmp_p
                                   rdzv_port=None, actuator="kubernetes",
                                   allocation_interval_s=0.5)
         admitted_max = []
-        with k8s_actuator(double, tmp_path, targets, cluster_queue=CQ) as (act, _):
+        with k8s_actuator(double, tmp_path, targets, **FAST_QUEUE) as (act, _):
             ctl = Controller(config, actuator=act).start()
             try:
                 def jobs():

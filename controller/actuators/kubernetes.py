@@ -563,26 +563,11 @@ class KubernetesActuator(Actuator):
         self._queue_error = text
 
     def _queue_error_text(self, exc: Exception) -> str:
-        what = f"ClusterQueue {self.cluster_queue} (kueue.x-k8s.io/v1beta1)"
-        status = getattr(exc, "status", None)
-        if isinstance(exc, kueue.KueueShapeError):
-            return f"kubernetes: {exc}"
-        if isinstance(exc, self._k8s.rest.ApiException) and status:
-            if status == 404:
-                return (f"kubernetes: {what} not found (404): create it (and Kueue's CRDs), or "
-                        f"fix --k8s-cluster-queue")
-            if status in (401, 403):
-                return (f"kubernetes: forbidden ({status}) on {what}: the controller's service "
-                        f"account needs get on clusterqueues in kueue.x-k8s.io, a ClusterRole "
-                        f"(deploy/components/kueue-capacity)")
-            return f"kubernetes: {what}: HTTP {status} {_status_message(exc)}"
-        return self._unreachable(what, exc)
-
-    def _unreachable(self, what: str, exc: Exception) -> str:
-        host = getattr(getattr(self._api, "configuration", None), "host", "?")
-        detail = re.sub(r" (object )?at 0x[0-9a-f]+", "", str(exc))[:200]   # one text per cause
-        return (f"kubernetes: cannot reach the API server at {host} for {what}: "
-                f"{type(exc).__name__}: {detail}")
+        return self._error_text(
+            exc, f"ClusterQueue {self.cluster_queue} (kueue.x-k8s.io/v1beta1)",
+            fix="create it (and Kueue's CRDs), or fix --k8s-cluster-queue",
+            needs="get on clusterqueues in kueue.x-k8s.io, a ClusterRole "
+                  "(deploy/components/kueue-capacity)")
 
     def _check_scale(self, st: _Job) -> None:
         """A scale-up under way: met when every pod below the new count is Running and Ready;
@@ -678,21 +663,28 @@ class KubernetesActuator(Actuator):
         st.next_read_s = 0.0
 
     def _describe_error(self, t: Target, exc: Exception, what: str) -> str:
-        where = f"{t.describe()} in namespace {self.namespace}"
-        status = getattr(exc, "status", None)
-        if isinstance(exc, ActuatorError):
+        need = "list and watch on pods" if what else f"get and patch on {t.rbac_resource}"
+        return self._error_text(exc, what or f"{t.describe()} in namespace {self.namespace}",
+                                fix="create it, or fix --k8s-target / --k8s-namespace",
+                                needs=f"{need} in namespace {self.namespace}")
+
+    def _error_text(self, exc: Exception, what: str, fix: str, needs: str) -> str:
+        """One line for a failed call on ``what``: ``fix`` is what to do when it is not found,
+        ``needs`` the RBAC a refusal lacks; a shape error says itself."""
+        if isinstance(exc, (ActuatorError, kueue.KueueShapeError)):
             return f"kubernetes: {exc}"
+        status = getattr(exc, "status", None)
         if isinstance(exc, self._k8s.rest.ApiException) and status:
             if status == 404:
-                return (f"kubernetes: {what or where} not found (404): create it, or fix "
-                        f"--k8s-target / --k8s-namespace")
+                return f"kubernetes: {what} not found (404): {fix}"
             if status in (401, 403):
-                need = ("list and watch on pods" if what else f"get and patch on "
-                        f"{t.rbac_resource}")
-                return (f"kubernetes: forbidden ({status}) on {what or where}: the controller's "
-                        f"service account needs {need} in namespace {self.namespace}")
-            return f"kubernetes: {what or where}: HTTP {status} {_status_message(exc)}"
-        return self._unreachable(what or where, exc)
+                return (f"kubernetes: forbidden ({status}) on {what}: the controller's service "
+                        f"account needs {needs}")
+            return f"kubernetes: {what}: HTTP {status} {_status_message(exc)}"
+        host = getattr(getattr(self._api, "configuration", None), "host", "?")
+        detail = re.sub(r" (object )?at 0x[0-9a-f]+", "", str(exc))[:200]   # one text per cause
+        return (f"kubernetes: cannot reach the API server at {host} for {what}: "
+                f"{type(exc).__name__}: {detail}")
 
     # -- pods -----------------------------------------------------------------------------
     def _ensure_watch(self, st: _Job) -> None:
