@@ -283,9 +283,12 @@ def _k8s_options(command):
     """The options of the kubernetes actuator (`controller --actuator kubernetes`)."""
     for option in reversed([
             click.option("--k8s-target", "k8s_targets", multiple=True, metavar="JOB=KIND/NAME",
-                         help="The workload that holds JOB's workers, resized through its scale "
-                              "subresource: statefulset/NAME or pytorchjob/NAME (Kubeflow "
-                              "elastic PyTorchJob). Repeat per job."),
+                         help="The workload that holds JOB's workers: statefulset/NAME or "
+                              "pytorchjob/NAME (Kubeflow elastic PyTorchJob), resized through "
+                              "their scale subresource, or job/NAME (an Indexed batch/v1 Job "
+                              "annotated kueue.x-k8s.io/elastic-job: \"true\", which Kueue "
+                              "resizes in place), resized through its parallelism and "
+                              "completions. Repeat per job."),
             click.option("--k8s-namespace", default=None,
                          help="Namespace of the workloads (default: the controller pod's own, "
                               "else the kubeconfig context's, else 'default')."),
@@ -302,7 +305,17 @@ def _k8s_options(command):
             click.option("--k8s-scale-down-delay-s", type=click.FloatRange(min=0.0),
                          default=30.0, show_default=True,
                          help="Lower the replicas this long after the directive, so the "
-                              "leaving agents exit before their pods are deleted.")]):
+                              "leaving agents exit before their pods are deleted."),
+            click.option("--k8s-cluster-queue", default=None, metavar="NAME",
+                         help="Take the cluster capacity from this Kueue ClusterQueue "
+                              "(kueue.x-k8s.io/v1beta1) when --capacity is not given: its "
+                              "nominal quota of --k8s-gpu-resource less what workloads other "
+                              "than the controller's job/ targets hold, re-read every 5 s, in "
+                              "pods of --k8s-nproc-per-node GPUs (one GPU per worker). Needs get "
+                              "on clusterqueues (a ClusterRole)."),
+            click.option("--k8s-gpu-resource", default="nvidia.com/gpu", show_default=True,
+                         help="The resource of the ClusterQueue's quota that counts as GPUs "
+                              "(--k8s-cluster-queue).")]):
         command = option(command)
     return command
 
@@ -331,7 +344,8 @@ def _ray_options(command):
 
 
 _K8S_FLAGS = ("k8s_targets", "k8s_namespace", "kubeconfig", "k8s_pending_timeout_s",
-              "k8s_nproc_per_node", "k8s_scale_down_delay_s")
+              "k8s_nproc_per_node", "k8s_scale_down_delay_s", "k8s_cluster_queue",
+              "k8s_gpu_resource")
 
 
 def _ray_start(values) -> dict[str, int]:
@@ -371,7 +385,8 @@ def _actuator_options(actuator: str, k8s: dict) -> dict:
     return dict(targets=list(k8s["k8s_targets"]), namespace=k8s["k8s_namespace"],
                 kubeconfig=k8s["kubeconfig"], pending_timeout_s=k8s["k8s_pending_timeout_s"],
                 nproc_per_node=k8s["k8s_nproc_per_node"],
-                scale_down_delay_s=k8s["k8s_scale_down_delay_s"])
+                scale_down_delay_s=k8s["k8s_scale_down_delay_s"],
+                cluster_queue=k8s["k8s_cluster_queue"], gpu_resource=k8s["k8s_gpu_resource"])
 
 
 @cli.command("controller")
@@ -400,7 +415,8 @@ def _actuator_options(actuator: str, k8s: dict) -> dict:
 @click.option("--capacity", default="", help="Share this many GPUs among the jobs by goodput "
               "(NODESxGPUS, like 16x4): each job gets workers within its bounds by the "
               "cluster allocation, and a job that does not fit waits in a queue (default: "
-              "none; each job's policy alone).")
+              "the actuator's capacity where it has one, a Kueue ClusterQueue with "
+              "--k8s-cluster-queue; else none, each job's policy alone).")
 @click.option("--allocation-interval-s", default=30.0, show_default=True,
               type=click.FloatRange(min=1.0), help="How often the cluster allocation runs.")
 @_k8s_options

@@ -72,7 +72,7 @@ class ControllerConfig:
     rdzv_advertise: str = ""            # host agents use for it ("": the controller's host)
     state_dir: str | None = None        # jobs' lasting state, for restarts (None: kept nowhere)
     state_write_interval_s: float = 0.5   # per job, at most one state write this often
-    capacity: str = ""                  # the cluster's GPUs, NODESxGPUS ("": no allocation)
+    capacity: str = ""                  # the GPUs, NODESxGPUS ("": the actuator's, if any)
     allocation_interval_s: float = 30.0   # how often the cluster allocation runs
     allocation_p: float = -1.0          # its fairness (science.allocation)
     allocation_horizon_s: float = 600.0
@@ -104,6 +104,8 @@ class ControllerCore:
         self._allocation_due = False
         if self.cluster is not None:
             metrics.set_cluster(self.cluster.capacity, 0, 0)
+        else:
+            self._follow_capacity()
         bind = getattr(actuator, "bind", None)   # its notices and bounds come from here
         if bind is not None:
             bind(self.actuator_notice, self.job_bounds)
@@ -486,6 +488,8 @@ class ControllerCore:
         one burst: 100 policy runs at once held the GIL from the event loop that reads the
         reports for half a second, which every report in flight then waited out."""
         now = self.clock()
+        if not self.config.capacity:
+            self._follow_capacity()
         if self.cluster is not None and (
                 self._allocation_due
                 or now - self._last_allocation_s >= self.config.allocation_interval_s):
@@ -546,6 +550,19 @@ class ControllerCore:
                 self._set_workers(job, target)
 
     # -- the cluster allocation ----------------------------------------------------------
+    def _follow_capacity(self) -> None:
+        """Without ``capacity`` in the config, the actuator's (``Actuator.capacity``): a new
+        value makes the allocation due at once; None (unknown) keeps the one in force."""
+        capacity = getattr(self.actuator, "capacity", None)
+        cluster = capacity() if capacity is not None else None
+        if cluster is None or cluster == self.cluster:
+            return
+        log.info("cluster capacity from the %s actuator: %d GPUs (%d x %d; was %s)",
+                 self.actuator.name, cluster.capacity, cluster.nodes, cluster.gpus_per_node,
+                 self.cluster.capacity if self.cluster is not None else "none")
+        self.cluster = cluster
+        self._allocation_due = True       # the allocation sets the cluster gauges
+
     @staticmethod
     def _policy_bounds(job: Job) -> JobBounds:
         """The job's bounds with its allocation as the upper bound on workers."""

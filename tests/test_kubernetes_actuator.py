@@ -320,8 +320,8 @@ def test_a_job_without_a_workload_gets_a_clear_error(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "Error: --k8s-target j=deployment/web: the workload must be statefulset/NAME or "
-        "pytorchjob/NAME"]
+        "Error: --k8s-target j=deployment/web: the workload must be statefulset/NAME, "
+        "pytorchjob/NAME or job/NAME"]
 
 
 @pytest.mark.timeout(150)

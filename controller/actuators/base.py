@@ -7,7 +7,8 @@ reaches the agents as a directive. Backends live in sibling modules and register
 under a name (``local``, ``kubernetes``, ``ray``);
 ``create_actuator(name, **options)`` builds one. The controller ``bind``s each actuator to two
 callbacks of its own: a line for a job's notices (an unmet scale, an evicted pod) and the job's
-worker bounds.
+worker bounds. An actuator whose backend knows how many GPUs the controller's jobs may hold says
+so through ``capacity()``; the controller then shares that capacity among its jobs.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import importlib
 import logging
 import threading
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from adaptrun.science.allocation import Cluster
 
 Notify = Callable[[str, str], None]                       # (job_id, text)
 BoundsOf = Callable[[str], "tuple[int, int] | None"]      # job_id -> (min, max) workers
@@ -60,6 +64,13 @@ class Actuator(ABC):
     @abstractmethod
     def current_workers(self, job_id: str) -> int | None:
         """The worker count last asked for ``job_id``; None when never asked."""
+
+    def capacity(self) -> "Cluster | None":
+        """The GPUs the backend gives the controller's jobs now, as nodes x GPUs per node, or
+        None when it does not know (the default; the kubernetes actuator knows it from a Kueue
+        ClusterQueue). Without ``--capacity`` the controller allocates this capacity among its
+        jobs and follows it as it changes. Cheap and never blocking: called on every tick."""
+        return None
 
     def forget(self, job_id: str) -> None:
         """The job is gone: drop what is kept for it (default: nothing kept)."""

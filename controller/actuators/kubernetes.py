@@ -1,16 +1,22 @@
 """The ``kubernetes`` actuator: a job's workers are the pods of a StatefulSet or of a Kubeflow
-elastic PyTorchJob, resized through the workload's scale subresource.
+elastic PyTorchJob, resized through the workload's scale subresource, or of an elastic Indexed
+Job that Kueue resizes in place, resized through its ``spec.parallelism``.
 
 The model
-- Each job names one workload (``targets``: ``JOB=statefulset/NAME`` or ``JOB=pytorchjob/NAME``)
-  in one namespace. One pod runs one ``adaptrun agent`` with ``nproc_per_node`` workers, so a
-  job of W workers is ``replicas = ceil(W / nproc_per_node)`` pods. The actuator reads and writes
-  only ``spec.replicas`` of the scale subresource (``apps/v1`` StatefulSet or
-  ``kubeflow.org/v1`` PyTorchJob, merge patch); the StatefulSet controller or the training
-  operator creates and deletes the pods (highest ordinal first on a scale-down), the agents in
-  them join or leave the job's rendezvous.
+- Each job names one workload (``targets``: ``JOB=statefulset/NAME``, ``JOB=pytorchjob/NAME`` or
+  ``JOB=job/NAME``) in one namespace. One pod runs one ``adaptrun agent`` with
+  ``nproc_per_node`` workers, so a job of W workers is ``replicas = ceil(W / nproc_per_node)``
+  pods. For a StatefulSet or PyTorchJob the actuator reads and writes only ``spec.replicas`` of
+  the scale subresource (``apps/v1`` StatefulSet or ``kubeflow.org/v1`` PyTorchJob, merge
+  patch). A ``batch/v1`` Job has no scale subresource: the actuator reads the Job and merge-
+  patches its ``spec.parallelism`` and ``spec.completions`` together (``kueue`` module: the Job
+  must be Indexed and annotated ``kueue.x-k8s.io/elastic-job: "true"``; a Job that is not is a
+  notice on the job saying what to add, retried every ``retry_s``). The StatefulSet controller,
+  the training operator or the Job controller creates and deletes the pods (highest ordinal or
+  index first on a scale-down), the agents in them join or leave the job's rendezvous.
 - ``set_workers(job, W)`` never blocks: it clamps W to the job's bounds (the controller already
-  passes counts within them; a count outside is clamped and said), records the replicas
+  passes counts within them, or 0 for a job the cluster allocation queued; a count outside is
+  clamped and said), records the replicas
   wanted, and wakes the actuator's thread, which does the API calls. A scale-down is written
   ``scale_down_delay_s`` later when pods beyond the new count are running: the controller's
   directive reaches the agents first, the agents beyond the new count leave after their planned
@@ -28,12 +34,29 @@ The model
   before the scale-up), and ``current_workers`` reports M from then on: the job keeps training
   at its size, and a status or gauge never shows a count that is not coming.
 
+- A scale-up of a Job waits on Kueue: its new pods stay Pending behind Kueue's scheduling gate
+  until Kueue admits the larger workload slice, and the pending timeout above applies to them.
+
 ``current_workers(job)``: the workers asked for while a change is under way; M after a scale
 that was not met; before any request, the workload's own replicas x ``nproc_per_node``; None for
-a job without a target. Credentials: a kubeconfig given (``kubeconfig`` or ``$KUBECONFIG``),
-else the in-cluster config in a pod, else ``~/.kube/config``. RBAC it needs, in the workloads'
-namespace only: get and patch on ``statefulsets/scale`` (or ``pytorchjobs/scale`` in
-``kubeflow.org``), list and watch on ``pods``.
+a job without a target.
+
+``capacity()``, with ``cluster_queue`` named: what the Kueue ClusterQueue leaves this
+controller's jobs of ``gpu_resource`` (``kueue`` module: its nominal quota less what workloads
+other than this controller's Jobs hold; what they hold is counted from their pods: every pod
+not ended and not behind Kueue's gate, times the GPUs its template requests), as a ``Cluster``
+of ``floor(GPUs / nproc_per_node)`` nodes of ``nproc_per_node`` GPUs: a node of the allocator is
+one pod here, and a worker is one GPU. The actuator's thread reads the ClusterQueue every
+``queue_read_s``; before the first read and the first list of every Job's pods it is None (a
+count taken earlier would treat the jobs' own pods as another's); a read that fails is logged
+once and the last capacity is kept. A ClusterQueue that does not exist or may not be read when
+the actuator starts is an ActuatorError. Only ``job/`` targets count as the controller's own.
+
+Credentials: a kubeconfig given (``kubeconfig`` or ``$KUBECONFIG``), else the in-cluster config
+in a pod, else ``~/.kube/config``. RBAC it needs, in the workloads' namespace only: get and
+patch on ``statefulsets/scale`` (or ``pytorchjobs/scale`` in ``kubeflow.org``, or ``jobs`` in
+``batch``), list and watch on ``pods``; with a ClusterQueue, get on ``clusterqueues`` in
+``kueue.x-k8s.io`` (cluster-scoped: a ClusterRole).
 """
 from __future__ import annotations
 
@@ -46,6 +69,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from adaptrun.science.allocation import Cluster
+
+from . import kueue
 from .base import Actuator, ActuatorError
 
 __all__ = ["KubernetesActuator", "Target", "parse_targets"]
@@ -55,20 +81,24 @@ log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 KINDS = {"statefulset": "statefulset", "sts": "statefulset", "statefulsets": "statefulset",
-         "pytorchjob": "pytorchjob", "pytorchjobs": "pytorchjob"}
+         "pytorchjob": "pytorchjob", "pytorchjobs": "pytorchjob", "job": "job", "jobs": "job"}
+TARGET_FORMS = "statefulset/NAME, pytorchjob/NAME or job/NAME"
 PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs")
 # What the training operator puts on a PyTorchJob's worker pods (used while the job's scale
 # status has no selector yet).
 PYTORCHJOB_WORKER_LABELS = ("training.kubeflow.org/job-name={name},"
                             "training.kubeflow.org/replica-type=worker")
-ORDINAL_LABELS = ("apps.kubernetes.io/pod-index", "training.kubeflow.org/replica-index")
+# What the Job controller puts on an Indexed Job's pods.
+JOB_POD_LABELS = "batch.kubernetes.io/job-name={name}"
+ORDINAL_LABELS = ("apps.kubernetes.io/pod-index", "training.kubeflow.org/replica-index",
+                  "batch.kubernetes.io/job-completion-index")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 @dataclass(frozen=True)
 class Target:
     """The workload that holds a job's workers."""
-    kind: str          # "statefulset" | "pytorchjob"
+    kind: str          # "statefulset" | "pytorchjob" | "job"
     name: str
 
     def describe(self) -> str:
@@ -76,12 +106,12 @@ class Target:
 
     @property
     def rbac_resource(self) -> str:
-        return "statefulsets/scale (apps)" if self.kind == "statefulset" else \
-            "pytorchjobs/scale (kubeflow.org)"
+        return {"statefulset": "statefulsets/scale (apps)", "job": "jobs (batch)",
+                "pytorchjob": "pytorchjobs/scale (kubeflow.org)"}[self.kind]
 
 
 def parse_targets(targets: Mapping[str, str] | Iterable[str] | None) -> dict[str, Target]:
-    """``{"JOB": "statefulset/NAME"}`` or ``["JOB=statefulset/NAME", ...]`` -> job -> Target."""
+    """``{"JOB": "statefulset/NAME"}`` or ``["JOB=job/NAME", ...]`` -> job -> Target."""
     if not targets:
         return {}
     if isinstance(targets, Mapping):
@@ -91,8 +121,8 @@ def parse_targets(targets: Mapping[str, str] | Iterable[str] | None) -> dict[str
         for spec in targets:
             job, sep, workload = str(spec).partition("=")
             if not sep or not job.strip():
-                raise ActuatorError(f"--k8s-target must be JOB=statefulset/NAME or "
-                                    f"JOB=pytorchjob/NAME, got {spec!r}")
+                raise ActuatorError(f"--k8s-target must be JOB=KIND/NAME ({TARGET_FORMS}), "
+                                    f"got {spec!r}")
             pairs.append((job.strip(), workload))
     out: dict[str, Target] = {}
     for job, workload in pairs:
@@ -100,7 +130,7 @@ def parse_targets(targets: Mapping[str, str] | Iterable[str] | None) -> dict[str
         kind, name = KINDS.get(kind.strip().lower(), ""), name.strip()
         if not sep or not kind or not name:
             raise ActuatorError(f"--k8s-target {job}={workload}: the workload must be "
-                                f"statefulset/NAME or pytorchjob/NAME")
+                                f"{TARGET_FORMS}")
         if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
             raise ActuatorError(f"--k8s-target {job}={workload}: {name!r} is not a Kubernetes "
                                 f"object name (lower-case letters, digits, '-' and '.')")
@@ -120,6 +150,7 @@ class _Pod:
     ready: bool
     terminating: bool
     why: str              # the cluster's reason, when it has one
+    gated: bool = False   # held behind Kueue's scheduling gate (not admitted)
 
 
 @dataclass
@@ -129,6 +160,7 @@ class _Job:
     desired: int | None = None          # workers asked for (clamped)
     replicas: int | None = None         # the replicas wanted now (what gets written)
     spec_replicas: int | None = None    # last seen spec.replicas of the scale subresource
+    writing: int | None = None          # the replicas of a write in flight
     status_replicas: int | None = None  # last seen status.replicas
     selector: str = ""
     patch_due_s: float = 0.0            # when a pending write may go (scale-down delay)
@@ -145,6 +177,7 @@ class _Job:
     adopted: bool = False
     last_error: str = ""                # of the scale subresource
     watch_error: str = ""               # of the pod list/watch
+    gpus_per_pod: float = 0.0           # a Job's pod template's request of the GPU resource
 
 
 class KubernetesActuator(Actuator):
@@ -155,14 +188,16 @@ class KubernetesActuator(Actuator):
                  context: str | None = None, pending_timeout_s: float = 300.0,
                  nproc_per_node: int = 1, scale_down_delay_s: float = 30.0,
                  poll_s: float = 1.0, retry_s: float = 10.0, watch_timeout_s: int = 60,
-                 request_timeout_s: float = 15.0, api_client=None):
+                 request_timeout_s: float = 15.0, cluster_queue: str | None = None,
+                 gpu_resource: str = "nvidia.com/gpu", queue_read_s: float = 5.0,
+                 api_client=None):
         try:
             from kubernetes import client as k8s_client
         except ImportError:
             raise ActuatorError("the kubernetes actuator needs the official client: "
                                 "pip install 'adaptrun[kubernetes]'") from None
         self._k8s = k8s_client
-        if pending_timeout_s < 0 or scale_down_delay_s < 0 or poll_s <= 0:
+        if pending_timeout_s < 0 or scale_down_delay_s < 0 or poll_s <= 0 or queue_read_s <= 0:
             raise ActuatorError("the kubernetes actuator's timeouts must be >= 0")
         self.targets = parse_targets(targets)
         self.nproc_per_node = max(1, int(nproc_per_node))
@@ -176,18 +211,30 @@ class KubernetesActuator(Actuator):
             _load_client(kubeconfig, context)
         self.namespace = namespace or _pod_namespace() or context_namespace or "default"
         self._apps = k8s_client.AppsV1Api(self._api)
+        self._batch = k8s_client.BatchV1Api(self._api)
         self._custom = k8s_client.CustomObjectsApi(self._api)
         self._core = k8s_client.CoreV1Api(self._api)
-        self._jobs = {job: _Job(job, t) for job, t in self.targets.items()}
+        self._jobs = {job: self._new_job(job, t) for job, t in self.targets.items()}
         self._lock = threading.Condition()
         self._closed = threading.Event()
+        self.cluster_queue = cluster_queue or None
+        self.gpu_resource = gpu_resource
+        self.queue_read_s = float(queue_read_s)
+        self._quota: kueue.QueueQuota | None = None
+        self._capacity: Cluster | None = None
+        self._queue_error = ""
+        self._next_queue_read_s = 0.0
+        if self.cluster_queue:
+            self._first_queue_read()
         self._thread = threading.Thread(target=self._run, name="adaptrun-k8s-actuator",
                                         daemon=True)
         self._thread.start()
         log.info("kubernetes actuator: namespace %s, %s; %d worker(s) per pod, pending timeout "
-                 "%.0f s", self.namespace, ", ".join(f"{j}={t.describe()}" for j, t in
-                                                    self.targets.items()) or "no targets",
-                 self.nproc_per_node, self.pending_timeout_s)
+                 "%.0f s%s", self.namespace, ", ".join(f"{j}={t.describe()}" for j, t in
+                                                      self.targets.items()) or "no targets",
+                 self.nproc_per_node, self.pending_timeout_s,
+                 f"; capacity from ClusterQueue {self.cluster_queue} ({self.gpu_resource})"
+                 if self.cluster_queue else "")
 
     # -- the controller's calls (never block on the API) --------------------------------
     def set_workers(self, job_id: str, workers: int) -> None:
@@ -199,10 +246,11 @@ class KubernetesActuator(Actuator):
         if st is None:
             raise ActuatorError(
                 f"job {job_id!r} has no Kubernetes workload: start the controller with "
-                f"--k8s-target {job_id}=statefulset/NAME (or pytorchjob/NAME); the job keeps "
-                f"training at its size")
+                f"--k8s-target {job_id}=statefulset/NAME (or pytorchjob/NAME, job/NAME); the job "
+                f"keeps training at its size")
         bounds = self.job_bounds(job_id)
-        if bounds is not None and not bounds[0] <= workers <= bounds[1]:
+        # 0 is no count of the job's own: the cluster allocation queued it.
+        if bounds is not None and workers > 0 and not bounds[0] <= workers <= bounds[1]:
             clamped = min(max(workers, bounds[0]), bounds[1])
             text = (f"the kubernetes actuator was asked for {workers} workers, outside the "
                     f"job's bounds [{bounds[0]}, {bounds[1]}]: using {clamped}")
@@ -239,7 +287,8 @@ class KubernetesActuator(Actuator):
         """A StatefulSet restarts a pod whose agent exited, even with exit 0, and the agent
         exits again at once (its job is done): its pods would come back forever. Scale it to
         0 replicas, ``scale_down_delay_s`` from now when pods may still run (their agents
-        finish first). A PyTorchJob ends by itself when its workers succeed: left alone."""
+        finish first). A PyTorchJob or a Job ends by itself when its workers succeed: left
+        alone."""
         st = self._jobs.get(job_id)
         if st is None or st.target.kind != "statefulset" or self._closed.is_set():
             return
@@ -276,7 +325,7 @@ class KubernetesActuator(Actuator):
         if st is None:
             return
         with self._lock:
-            self._jobs[job_id] = _Job(job_id, st.target)
+            self._jobs[job_id] = self._new_job(job_id, st.target)
         self._stop_watch(st)
 
     def close(self) -> None:
@@ -298,6 +347,8 @@ class KubernetesActuator(Actuator):
     # -- the actuator's thread: all API calls but the watches -----------------------------
     def _run(self) -> None:
         while not self._closed.is_set():
+            if self.cluster_queue and time.monotonic() >= self._next_queue_read_s:
+                self._read_queue()
             for st in list(self._jobs.values()):
                 if self._closed.is_set():
                     break
@@ -311,6 +362,8 @@ class KubernetesActuator(Actuator):
 
     def _next_wait_s(self) -> float:
         now, wait = time.monotonic(), self.poll_s
+        if self.cluster_queue:
+            wait = min(wait, max(0.0, self._next_queue_read_s - now))
         for st in self._jobs.values():
             if st.replicas is not None and st.replicas != st.spec_replicas:
                 wait = min(wait, max(0.0, st.patch_due_s - now))
@@ -339,7 +392,7 @@ class KubernetesActuator(Actuator):
         self._check_scale(st)
 
     def _read(self, st: _Job) -> None:
-        spec, status, selector = self._read_scale(st.target)
+        spec, status, selector = self._read_scale(st)
         with self._lock:
             st.spec_replicas, st.status_replicas = spec, status
             st.selector = selector or st.selector
@@ -359,12 +412,25 @@ class KubernetesActuator(Actuator):
                  st.job_id, st.target.describe(), self.namespace, spec, status, st.selector)
 
     def _patch(self, st: _Job, replicas: int) -> None:
+        # The pods a write removes may be seen gone before its answer: they are no failure.
+        with self._lock:
+            st.writing = replicas
+        try:
+            self._write(st, replicas)
+        finally:
+            with self._lock:
+                st.writing = None
+
+    def _write(self, st: _Job, replicas: int) -> None:
         t, body = st.target, {"spec": {"replicas": replicas}}
         kw = dict(_content_type=MERGE_PATCH, field_manager="adaptrun-controller",
                   _request_timeout=self.request_timeout_s)
         if t.kind == "statefulset":
             s = self._apps.patch_namespaced_stateful_set_scale(t.name, self.namespace, body, **kw)
             spec, status, selector = _scale_fields(s)
+        elif t.kind == "job":
+            spec, status, selector = self._job_fields(st, self._batch.patch_namespaced_job(
+                t.name, self.namespace, kueue.job_patch(replicas), **kw))
         else:
             s = self._custom.patch_namespaced_custom_object_scale(*PYTORCHJOB[:2], self.namespace,
                                                                   PYTORCHJOB[2], t.name, body, **kw)
@@ -376,18 +442,132 @@ class KubernetesActuator(Actuator):
             self._clear_error(st)
         log.info("job %s: %s scaled to %d replica(s)", st.job_id, t.describe(), spec)
 
-    def _read_scale(self, t: Target) -> tuple[int, int, str]:
-        kw = dict(_request_timeout=self.request_timeout_s)
+    def _read_scale(self, st: _Job) -> tuple[int, int, str]:
+        """(replicas wanted, replicas running, pod selector) of the job's workload."""
+        t, kw = st.target, dict(_request_timeout=self.request_timeout_s)
         if t.kind == "statefulset":
             return _scale_fields(self._apps.read_namespaced_stateful_set_scale(
                 t.name, self.namespace, **kw))
+        if t.kind == "job":
+            return self._job_fields(st, self._batch.read_namespaced_job(t.name, self.namespace,
+                                                                        **kw))
         spec, status, selector = _scale_fields(self._custom.get_namespaced_custom_object_scale(
             *PYTORCHJOB[:2], self.namespace, PYTORCHJOB[2], t.name, **kw))
         return spec, status, selector or self._default_selector(t)
 
+    def _job_fields(self, st: _Job, obj) -> tuple[int, int, str]:
+        """A Job as (spec.parallelism, status.ready, its pods' selector), checked to be an
+        elastic Indexed Job (``kueue.check_elastic_job``; ActuatorError saying what to change);
+        its pods' GPU request is kept for ``capacity``."""
+        job = obj if isinstance(obj, dict) else self._api.sanitize_for_serialization(obj)
+        try:
+            kueue.check_elastic_job(job)
+            gpus = kueue.pod_request(job, self.gpu_resource)
+        except kueue.KueueShapeError as exc:
+            raise ActuatorError(str(exc)) from None
+        spec, status = job.get("spec") or {}, job.get("status") or {}
+        with self._lock:
+            st.gpus_per_pod = gpus
+        parallelism = spec.get("parallelism")
+        return (int(parallelism if parallelism is not None else 1), int(status.get("ready") or 0),
+                self._default_selector(st.target))
+
+    @classmethod
+    def _new_job(cls, job_id: str, t: Target) -> _Job:
+        """A Job's pods are watched from the start, whatever its shape: ``capacity`` counts
+        them."""
+        return _Job(job_id, t, selector=cls._default_selector(t) if t.kind == "job" else "")
+
     @staticmethod
     def _default_selector(t: Target) -> str:
-        return PYTORCHJOB_WORKER_LABELS.format(name=t.name) if t.kind == "pytorchjob" else ""
+        if t.kind == "pytorchjob":
+            return PYTORCHJOB_WORKER_LABELS.format(name=t.name)
+        return JOB_POD_LABELS.format(name=t.name) if t.kind == "job" else ""
+
+    # -- the ClusterQueue's capacity ------------------------------------------------------
+    def capacity(self) -> Cluster | None:
+        """What the ClusterQueue leaves this controller's jobs (module doc); None without a
+        ClusterQueue, and until it and every Job's pods were read."""
+        with self._lock:
+            return self._capacity
+
+    def _get_queue(self) -> dict:
+        return self._custom.get_cluster_custom_object(
+            kueue.KUEUE_GROUP, kueue.KUEUE_VERSION, "clusterqueues", self.cluster_queue,
+            _request_timeout=self.request_timeout_s)
+
+    def _first_queue_read(self) -> None:
+        """At start: a ClusterQueue that is missing, may not be read or has no quota of the
+        resource is an ActuatorError; one the API does not answer for is read again later."""
+        try:
+            self._quota = kueue.queue_quota(self._get_queue(), self.gpu_resource)
+        except kueue.KueueShapeError as exc:
+            raise ActuatorError(f"kubernetes: {exc}") from None
+        except self._k8s.rest.ApiException as exc:
+            if exc.status in (401, 403, 404):
+                self._api.close()
+                raise ActuatorError(self._queue_error_text(exc)) from None
+            self._queue_failed(exc)
+        except Exception as exc:  # noqa: BLE001 - unreachable: read again on the thread
+            self._queue_failed(exc)
+
+    def _read_queue(self) -> None:
+        """The actuator's thread: read the ClusterQueue, then the capacity from it."""
+        self._next_queue_read_s = time.monotonic() + self.queue_read_s
+        try:
+            quota = kueue.queue_quota(self._get_queue(), self.gpu_resource)
+        except Exception as exc:  # noqa: BLE001 - the last capacity is kept
+            self._queue_failed(exc)
+            return
+        if self._queue_error:
+            log.info("ClusterQueue %s: read again", self.cluster_queue)
+            self._queue_error = ""
+        self._quota = quota
+        self._update_capacity()
+
+    def _update_capacity(self) -> None:
+        own = self._own_gpus()
+        if own is None or self._quota is None:
+            return
+        free = self._quota.free_for(own)
+        cluster = Cluster(int(free + 1e-9) // self.nproc_per_node, self.nproc_per_node)
+        with self._lock:
+            old, self._capacity = self._capacity, cluster
+        if old != cluster:
+            log.info("ClusterQueue %s: %g of %g %s free for this controller's jobs (they hold "
+                     "%g, all workloads %g): capacity %d GPUs", self.cluster_queue, free,
+                     self._quota.nominal, self.gpu_resource, own, self._quota.held,
+                     cluster.capacity)
+
+    def _own_gpus(self) -> float | None:
+        """What this controller's Jobs hold of the ClusterQueue (module doc); None while the
+        pods of one of them are not listed yet."""
+        total = 0.0
+        with self._lock:
+            for st in self._jobs.values():
+                if st.target.kind != "job":
+                    continue
+                if not st.synced:
+                    return None
+                held = sum(1 for p in st.pods.values() if not p.gated and not p.terminating
+                           and p.phase in ("Pending", "Running", "Unknown"))
+                total += held * st.gpus_per_pod
+        return total
+
+    def _queue_failed(self, exc: Exception) -> None:
+        text = self._queue_error_text(exc)
+        if text != self._queue_error:
+            kept = (f"keeping the last capacity, {self._capacity.capacity} GPUs"
+                    if self._capacity is not None else "no capacity yet")
+            log.warning("%s (%s; reading it every %.0f s)", text, kept, self.queue_read_s)
+        self._queue_error = text
+
+    def _queue_error_text(self, exc: Exception) -> str:
+        return self._error_text(
+            exc, f"ClusterQueue {self.cluster_queue} (kueue.x-k8s.io/v1beta1)",
+            fix="create it (and Kueue's CRDs), or fix --k8s-cluster-queue",
+            needs="get on clusterqueues in kueue.x-k8s.io, a ClusterRole "
+                  "(deploy/components/kueue-capacity)")
 
     def _check_scale(self, st: _Job) -> None:
         """A scale-up under way: met when every pod below the new count is Running and Ready;
@@ -483,21 +663,27 @@ class KubernetesActuator(Actuator):
         st.next_read_s = 0.0
 
     def _describe_error(self, t: Target, exc: Exception, what: str) -> str:
-        where = f"{t.describe()} in namespace {self.namespace}"
+        need = "list and watch on pods" if what else f"get and patch on {t.rbac_resource}"
+        return self._error_text(exc, what or f"{t.describe()} in namespace {self.namespace}",
+                                fix="create it, or fix --k8s-target / --k8s-namespace",
+                                needs=f"{need} in namespace {self.namespace}")
+
+    def _error_text(self, exc: Exception, what: str, fix: str, needs: str) -> str:
+        """One line for a failed call on ``what``: ``fix`` is what to do when it is not found,
+        ``needs`` the RBAC a refusal lacks; a shape error says itself."""
+        if isinstance(exc, (ActuatorError, kueue.KueueShapeError)):
+            return f"kubernetes: {exc}"
         status = getattr(exc, "status", None)
         if isinstance(exc, self._k8s.rest.ApiException) and status:
             if status == 404:
-                return (f"kubernetes: {what or where} not found (404): create it, or fix "
-                        f"--k8s-target / --k8s-namespace")
+                return f"kubernetes: {what} not found (404): {fix}"
             if status in (401, 403):
-                need = ("list and watch on pods" if what else f"get and patch on "
-                        f"{t.rbac_resource}")
-                return (f"kubernetes: forbidden ({status}) on {what or where}: the controller's "
-                        f"service account needs {need} in namespace {self.namespace}")
-            return f"kubernetes: {what or where}: HTTP {status} {_status_message(exc)}"
+                return (f"kubernetes: forbidden ({status}) on {what}: the controller's service "
+                        f"account needs {needs}")
+            return f"kubernetes: {what}: HTTP {status} {_status_message(exc)}"
         host = getattr(getattr(self._api, "configuration", None), "host", "?")
         detail = re.sub(r" (object )?at 0x[0-9a-f]+", "", str(exc))[:200]   # one text per cause
-        return (f"kubernetes: cannot reach the API server at {host} for {what or where}: "
+        return (f"kubernetes: cannot reach the API server at {host} for {what}: "
                 f"{type(exc).__name__}: {detail}")
 
     # -- pods -----------------------------------------------------------------------------
@@ -584,7 +770,7 @@ class KubernetesActuator(Actuator):
                 st.pods.pop(p.name, None)
             else:
                 st.pods[p.name] = p
-            wanted = [r for r in (st.replicas, st.spec_replicas) if r is not None]
+            wanted = [r for r in (st.replicas, st.spec_replicas, st.writing) if r is not None]
             floor = min(wanted) if wanted else 0
             removed = kind == "DELETED" or p.terminating or p.phase == "Failed"
             lost = (removed and p.phase != "Succeeded" and p.ordinal is not None
@@ -631,6 +817,8 @@ def _pod(obj) -> _Pod:
                       and c.status == "True"), None)
     unscheduled = next((c for c in conditions if c.type == "PodScheduled"
                         and c.status == "False"), None)
+    gates = getattr(obj.spec, "scheduling_gates", None) if obj.spec is not None else None
+    gated = any(g.name == kueue.SCHEDULING_GATE for g in gates or [])
     if disrupted is not None:
         why = f"{disrupted.reason or 'disrupted'}"
     elif status is not None and status.reason:
@@ -641,7 +829,8 @@ def _pod(obj) -> _Pod:
         why = ""
     return _Pod(name=meta.name or "", uid=meta.uid or meta.name or "", ordinal=ordinal,
                 phase=(status.phase if status is not None else None) or "Unknown",
-                ready=ready, terminating=meta.deletion_timestamp is not None, why=why)
+                ready=ready, terminating=meta.deletion_timestamp is not None, why=why,
+                gated=gated)
 
 
 def _status_message(exc) -> str:
