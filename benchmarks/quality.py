@@ -41,7 +41,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Epochs: long enough that the controller sees the run (its policy decides every few
 # seconds of a run that is tens of seconds long on 2 cores), the same for every setting.
 EXAMPLES = {
-    "digits": {"script": "digits_cnn.py", "b0": 32, "better": "higher", "epochs": 30},
+    "digits": {"script": "digits_cnn.py", "b0": 32, "better": "higher", "epochs": 60},
     "char": {"script": "char_lm.py", "b0": 32, "better": "lower", "epochs": 10},
     "transformer": {"script": "transformer_lm.py", "b0": 32, "better": "lower", "epochs": 10},
 }
@@ -141,7 +141,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     p.add_argument("--epochs", type=int, default=0,
-                   help="0: each example's benchmark length (digits 30, the LMs 10)")
+                   help="0: each example's benchmark length (digits 60, the LMs 10)")
     p.add_argument("--only", choices=sorted(EXAMPLES), default=None)
     p.add_argument("--large-factor", type=int, default=8, help="fixed_large = factor x B0")
     p.add_argument("--under-run", action="store_true",

@@ -417,7 +417,7 @@ def test_the_progress_check_reads_a_realized_ratio_off_the_loss_curve():
 @pytest.mark.parametrize("realized", ["as_before", "half"])
 def test_a_probe_of_a_larger_batch_is_kept_only_when_the_loss_shows_it_costs_no_progress(realized):
     """Where the noise scale sees no gain in a larger batch but the loss keeps falling, the
-    policy tries one 1.5-2x larger and keeps it only if the loss realizes probe_keep (0.9) of
+    policy tries one 1.5-2x larger and keeps it only if the loss realizes probe_keep (1.0) of
     the progress per example it had: kept, the batch never goes back below it on the noise
     scale's word; short, it is backed off and capped."""
     stats = {"grad_sqr": 1.0, "grad_var": 0.05, "target": 1e7}      # B_noise 6.4: no gain
@@ -445,7 +445,7 @@ def test_a_probe_of_a_larger_batch_is_kept_only_when_the_loss_shows_it_costs_no_
         assert "back off" not in d.reason and d.config.global_batch >= moved.global_batch, \
             d.reason
     else:
-        assert "back off" in d.reason and "the probe needed 0.90" in d.reason, d.reason
+        assert "back off" in d.reason and "the probe needed 1.00" in d.reason, d.reason
         assert d.config.global_batch <= 128
 
 

@@ -335,7 +335,7 @@ class Policy:
     batch_growth_max: float = 4.0
     check_reports: int = 6
     check_shortfall: float = 0.75
-    probe_keep: float = 0.9
+    probe_keep: float = 1.0
     _measured: dict = field(default_factory=dict, repr=False)
     _moves: _Moves = field(default_factory=_Moves, repr=False)
     _recent: list = field(default_factory=list, repr=False)  # the last stats_window measured
@@ -382,16 +382,22 @@ class Policy:
         do, to be checked once ``check_reports`` reports came after it (None: nothing to
         check, as after a decrease, or without a falling loss before it)."""
         old, new = prev.global_batch, report.global_batch
-        if new <= old or self._stats is None:
+        m = self._moves
+        probe = bool(m.probe_to) and m.probe_to == new
+        if new <= old or (self._stats is None and not probe):
             return None
+        m.probe_to = 0
         fit = fit_log_curve([(x, loss) for x, loss, b in self._curve[:-1] if b == old][-8:])
         if fit is None:
+            if probe:      # a probe that cannot be checked is not kept
+                m.batch_cap, m.batch_cap_until = old, m.runs + self.holdoff_runs
             return None
-        sqr, var = self._stats
-        b0 = self.bounds.init_batch
-        predicted = float(efficiency(sqr, var, new / b0) / efficiency(sqr, var, old / b0))
+        predicted = 1.0
+        if self._stats is not None:
+            sqr, var = self._stats
+            b0 = self.bounds.init_batch
+            predicted = float(efficiency(sqr, var, new / b0) / efficiency(sqr, var, old / b0))
         x0 = self._examples - (report.step - prev.step) * old
-        probe, self._moves.probe_to = self._moves.probe_to == new, 0
         keep_at = self.probe_keep if probe else self.check_shortfall * predicted
         return BatchMove(x0, old, new, predicted, fit.a, fit.b, probe, keep_at, fit.sigma,
                          fit.lx_mean, fit.sxx, fit.points)
@@ -401,9 +407,9 @@ class Policy:
         of the realized ratio's range that is known (``realized_interval``): a move the
         statistics predicted is backed off when even the top of the range is below
         ``check_shortfall`` of the predicted ratio; a probe is kept only when the bottom of
-        the range reaches ``probe_keep``. A back-off caps the batch below the move
-        (``holdoff_runs`` decisions, doubling with every back-off) and returns the reason;
-        "" otherwise."""
+        the range reaches ``probe_keep``. A back-off caps the batch for ``holdoff_runs``
+        decisions: at the batch before a predicted move (doubling with every such back-off),
+        below the probed batch for a probe; it returns the reason, "" otherwise."""
         mv = self._check
         if mv is None:
             return ""
@@ -417,17 +423,20 @@ class Policy:
             if lo >= mv.keep_at:   # measured: the bigger batch costs no progress per example
                 m.batch_floor = max(m.batch_floor, mv.new_batch)
                 return ""
-        elif not hi < mv.keep_at:
+            # Not shown to pay: back below the probed batch, where the noise scale decides.
+            m.batch_cap, m.batch_cap_until = mv.new_batch - 1, m.runs + self.holdoff_runs
+        elif hi < mv.keep_at:
+            m.backoffs += 1
+            m.batch_cap = mv.old_batch
+            m.batch_cap_until = m.runs + self.holdoff_runs * 2 ** (m.backoffs - 1)
+        else:
             return ""
         m.batch_floor = min(m.batch_floor, mv.old_batch)
-        m.backoffs += 1
-        m.batch_cap = mv.old_batch
-        m.batch_cap_until = m.runs + self.holdoff_runs * 2 ** (m.backoffs - 1)
         promised = (f"the probe needed {mv.keep_at:.2f}" if mv.probe else
                     f"the noise scale predicted {mv.predicted:.2f}")
         return (f"back off: batch {mv.old_batch} -> {mv.new_batch} realized {rho:.2f} "
                 f"({lo:.2f}-{hi:.2f}) of the progress per example at {mv.old_batch} "
-                f"({promised}); batch at most {mv.old_batch} for "
+                f"({promised}); batch at most {m.batch_cap} for "
                 f"{m.batch_cap_until - m.runs} decisions")
 
     def with_bounds(self, bounds: JobBounds) -> "Policy":
