@@ -473,3 +473,20 @@ def test_the_realized_range_covers_the_truth_and_backs_off_only_a_clear_shortfal
             backed_off += hi < move.keep_at
         assert 0.55 <= covered / 200 <= 0.92, covered
         assert backoff_share[0] <= backed_off / 200 <= backoff_share[1], backed_off
+
+
+def test_a_move_being_checked_survives_a_controller_restart():
+    """The check in progress (its curve, scatter and what it must realize) and a probe's
+    pending batch round-trip through the policy's JSON state: the restarted controller
+    judges the move as the old one would."""
+    import json
+    stats = {"grad_sqr": 1.0, "grad_var": 1000.0, "target": 1e7}
+    p = Policy(BOUNDS, resize_cost_s=1e9)
+    d, step, examples = _run_to_a_batch_move(p, Config(4, 32, 0), **stats)
+    p.observe(dataclasses_replace(report(d.config, **stats), step=step + 10,
+                                  loss=_curve_loss(examples) + 0.001))
+    assert p._check is not None
+    q = Policy(BOUNDS, resize_cost_s=1e9).load_state_dict(
+        json.loads(json.dumps(p.state_dict(), allow_nan=False)))
+    assert q._check == p._check and q._moves == p._moves
+    assert q.state_dict() == p.state_dict()

@@ -9,12 +9,13 @@ differing by at most one) and each slice into ``micro_batches`` = accum_steps + 
 Nothing else is state: after a change of world size or batch the next step continues from the
 cursor with the new split, so every index of an epoch lands in exactly one committed step.
 
-The end of an epoch. With ``drop_last=False`` a remainder smaller than ``world_size *
+The end of an epoch. With ``drop_last=False`` a remainder smaller than ``2 * world_size *
 micro_batches`` is folded into the step before it, so the last step is a little bigger rather
-than leaving ranks without data; with ``drop_last=True`` a remainder below ``global_batch``
-ends the epoch (the same indices are dropped on every rank). If a step has fewer examples than
-micro-batches, it uses fewer micro-batches; if it has fewer than ranks (possible only right
-after the world grew), a rank without data gets one *padding* example with weight 0.
+than leaving a rank a micro-batch of one example (BatchNorm refuses to train on one) or no
+data; with ``drop_last=True`` a remainder below ``global_batch`` ends the epoch (the same
+indices are dropped on every rank). A step uses at most as many micro-batches as give every
+rank two examples in each; if it has fewer examples than ranks (possible only right after the
+world grew), a rank without data gets one *padding* example with weight 0.
 
 ``weight`` of a rank is n_rank / (micro_batches * step_size): multiplying a rank's accumulated
 gradient (a sum of micro-batch means) by it and summing over ranks gives the exact mean
@@ -96,10 +97,13 @@ def plan_step(num_samples: int, cursor: int, global_batch: int, world_size: int,
     if remaining < global_batch and drop_last:
         return None
     size = min(global_batch, remaining)
-    if not drop_last and 0 < remaining - size < world_size * micro:
-        size = remaining   # fold a remainder too small to give every rank data
-    micro = max(1, min(micro, size // world_size)) if size >= world_size else 1
+    if not drop_last and 0 < remaining - size < _MIN_PER_MICRO * world_size * micro:
+        size = remaining   # fold a remainder too small to give every micro-batch two
+    micro = max(1, min(micro, size // (_MIN_PER_MICRO * world_size)))
     return StepPlan(start=cursor, size=size, world_size=world_size, micro_batches=micro)
+
+
+_MIN_PER_MICRO = 2     # examples a micro-batch needs (BatchNorm's training minimum)
 
 
 def _split(begin: int, length: int, parts: int, index: int) -> tuple[int, int]:
