@@ -8,7 +8,9 @@ examples; bits per char), three settings, each over ``--seeds`` seeds, the same 
     fixed_b0     the fixed initial batch B0 (--max-batch 0)
     fixed_large  a fixed batch --large-factor x B0, the LR scaled from B0 by the example's
                  rule and warmed up (--batch-size k*B0 --lr-batch B0 --max-batch 0)
-    adaptive     autoscale_batch_size with accumulation (the example's default)
+    adaptive     autoscale_batch_size with accumulation (the example's default), run to the
+                 progress of the epochs at B0 (--length progress: more epochs where a
+                 larger batch makes an example worth less)
 
 Every run is ``python examples/X.py ...`` alone (a world of one). Alone nothing changes the
 batch: adaptive then trains at B0 with two accumulation micro-batches per step (that is how
@@ -53,7 +55,10 @@ def setting_flags(setting: str, b0: int, large_factor: int) -> list[str]:
         return ["--batch-size", str(b0), "--max-batch", "0"]
     if setting == "fixed_large":
         return ["--batch-size", str(large_factor * b0), "--lr-batch", str(b0), "--max-batch", "0"]
-    return ["--batch-size", str(b0)]
+    # The adaptive run's length is the progress of the epochs at B0 (remaining_epochs(by=
+    # "progress")): where a larger batch makes an example worth less it runs more epochs, so
+    # it ends as far trained; a fixed batch runs its epochs.
+    return ["--batch-size", str(b0), "--length", "progress"]
 
 
 def base_env() -> dict:
@@ -64,16 +69,20 @@ def base_env() -> dict:
     return env
 
 
-def parse(text: str) -> tuple[str, float, int] | None:
-    """(metric name, value, steps) from the ``final`` and ``steps`` lines, or None."""
+def parse(text: str) -> tuple[str, float, int, int] | None:
+    """(metric name, value, steps, epochs) from the ``final``, ``steps`` and ``epochs``
+    lines, or None."""
     name = value = steps = None
+    epochs = 0
     for line in text.splitlines():
         words = line.split()
         if len(words) == 3 and words[0] == "final":
             name, value = words[1], float(words[2])
         elif len(words) == 2 and words[0] == "steps" and words[1].isdigit():
             steps = int(words[1])
-    return None if value is None or steps is None else (name, value, steps)
+        elif len(words) == 2 and words[0] == "epochs" and words[1].isdigit():
+            epochs = int(words[1])
+    return None if value is None or steps is None else (name, value, steps, epochs)
 
 
 def run_one(cmd: list[str], timeout_s: float, log_dir: pathlib.Path | None) -> dict:
@@ -94,8 +103,9 @@ def run_one(cmd: list[str], timeout_s: float, log_dir: pathlib.Path | None) -> d
     if proc.returncode != 0 or parsed is None:
         raise RuntimeError(f"exit {proc.returncode}, no final/steps lines: {' '.join(cmd)}\n"
                            + out[-3000:])
-    name, value, steps = parsed
-    return {"metric_name": name, "metric": value, "steps": steps, "wall_s": wall}
+    name, value, steps, epochs = parsed
+    return {"metric_name": name, "metric": value, "steps": steps, "epochs": epochs,
+            "wall_s": wall}
 
 
 def command(example: dict, setting: str, seed: int, args, tmp: pathlib.Path):
@@ -120,21 +130,32 @@ def print_table(name: str, example: dict, results: dict, args) -> None:
     print(f"\n{name}: {example['script']}, {metric_name} ({example['better']} is better), "
           f"B0 {example['b0']}, large batch {args.large_factor * example['b0']}, "
           f"{args.seeds} seeds")
-    print(f"{'setting':<24} {metric_name + ' mean +- std':>22} {'wall s':>8} {'steps':>8}")
+    print(f"{'setting':<24} {metric_name + ' mean +- std':>22} {'wall s':>8} {'steps':>8} "
+          f"{'epochs':>7}")
     stats = {}
     for setting in SETTINGS:
         rows = results[setting]
         m, s = mean_std([r["metric"] for r in rows])
-        stats[setting] = {"metric": m, "steps": statistics.fmean(r["steps"] for r in rows)}
+        stats[setting] = {"metric": m, "std": s,
+                          "steps": statistics.fmean(r["steps"] for r in rows)}
         label = adaptive if setting == "adaptive" else setting
         print(f"{label:<24} {m:>13.4f} +- {s:<6.4f} "
               f"{statistics.fmean(r['wall_s'] for r in rows):>8.1f} "
-              f"{stats[setting]['steps']:>8.0f}")
+              f"{stats[setting]['steps']:>8.0f} "
+              f"{statistics.fmean(r['epochs'] for r in rows):>7.1f}")
     base = stats["fixed_b0"]
     for setting in ("adaptive", "fixed_large"):
         st = stats[setting]
         print(f"ratio {setting} / fixed_b0: steps {st['steps'] / base['steps']:.3f}, "
               f"{metric_name} {st['metric'] / base['metric']:.4f}")
+    ad, large = stats["adaptive"], stats["fixed_large"]
+    sign = 1.0 if example["better"] == "higher" else -1.0
+    behind = sign * (base["metric"] - ad["metric"])            # > 0: adaptive is worse
+    print(f"goals: within one seed deviation of fixed_b0 "
+          f"{'yes' if behind <= max(base['std'], ad['std']) else 'no'}, within 1 % "
+          f"{'yes' if behind <= 0.01 * abs(base['metric']) else 'no'}, at most 0.7x its steps "
+          f"{'yes' if ad['steps'] <= 0.7 * base['steps'] else 'no'}, better than fixed_large "
+          f"{'yes' if sign * (ad['metric'] - large['metric']) > 0 else 'no'}")
 
 
 def main() -> None:
@@ -160,7 +181,8 @@ def main() -> None:
                     r = run_one(cmd, args.timeout_s, log_dir)
                     results[setting].append(r)
                     print(f"  {name} {setting} seed {seed}: {r['metric_name']} "
-                          f"{r['metric']:.4f}, {r['steps']} steps, {r['wall_s']:.1f} s",
+                          f"{r['metric']:.4f}, {r['steps']} steps, {r['epochs']} epochs, "
+                          f"{r['wall_s']:.1f} s",
                           file=sys.stderr, flush=True)
             print_table(name, example, results, args)
             sys.stdout.flush()

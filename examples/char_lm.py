@@ -112,6 +112,9 @@ def bits_per_char(net: nn.Module, windows: torch.Tensor, context: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--length", choices=("epochs", "progress"), default="epochs",
+                   help="epochs: run --epochs epochs; progress: run until the training "
+                        "progress of --epochs epochs at B0 (adaptrun.remaining_epochs(by=))")
     p.add_argument("--batch-size", type=int, default=32, help="initial global batch B0")
     p.add_argument("--lr", type=float, default=5e-3,
                    help="Adam LR tuned at --lr-batch (adaptrun scales it with the batch)")
@@ -153,7 +156,7 @@ def main() -> None:
         loader.autoscale_batch_size(args.max_batch, local_batch_bounds=(8, 256),
                                     accumulation=True)
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in adaptrun.remaining_epochs(args.epochs):
+    for epoch in adaptrun.remaining_epochs(args.epochs, by=args.length):
         for chars in loader:
             chars = chars.to(device)
             for group in optimizer.param_groups:
@@ -174,6 +177,7 @@ def main() -> None:
               f"{loader.current_batch_size}, noise scale {model.noise_scale:.0f}")
         print(f"final val_bpc {bpc:.4f}")
         print(f"steps {model.step}")
+        print(f"epochs {epoch + 1}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ def make_net() -> nn.Module:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--length", choices=("epochs", "progress"), default="epochs",
+                   help="epochs: run --epochs epochs; progress: run until the training "
+                        "progress of --epochs epochs at B0 (adaptrun.remaining_epochs(by=))")
     p.add_argument("--batch-size", type=int, default=32, help="initial global batch B0")
     p.add_argument("--lr", type=float, default=0.05,
                    help="LR tuned at --lr-batch (adaptrun scales it with the batch)")
@@ -114,7 +117,7 @@ def main() -> None:
         loader.autoscale_batch_size(args.max_batch, local_batch_bounds=(8, 256),
                                     accumulation=True)
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in adaptrun.remaining_epochs(args.epochs):
+    for epoch in adaptrun.remaining_epochs(args.epochs, by=args.length):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             for group in optimizer.param_groups:
@@ -136,6 +139,7 @@ def main() -> None:
               f"{model.noise_scale:.0f}")
         print(f"final val_acc {accuracy:.4f}")
         print(f"steps {model.step}")
+        print(f"epochs {epoch + 1}")
 
 
 if __name__ == "__main__":

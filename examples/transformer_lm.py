@@ -128,6 +128,9 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_frac: fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--length", choices=("epochs", "progress"), default="epochs",
+                   help="epochs: run --epochs epochs; progress: run until the training "
+                        "progress of --epochs epochs at B0 (adaptrun.remaining_epochs(by=))")
     p.add_argument("--batch-size", type=int, default=32, help="initial global batch B0")
     p.add_argument("--lr", type=float, default=3e-3,
                    help="peak AdamW LR tuned at --lr-batch (adaptrun scales it with the batch)")
@@ -168,7 +171,9 @@ def main() -> None:
     lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
         step, args.warmup_steps, total_steps, args.final_lr_frac))
     if args.schedule == "progress":
-        sched = adaptrun.scaling.ProgressSchedule(lambda_lr, by="examples")
+        # a run by progress ends its schedule on progress: both end together
+        sched = adaptrun.scaling.ProgressSchedule(
+            lambda_lr, by="progress" if args.length == "progress" else "examples")
         model = adaptrun.AdaptiveDataParallel(net, optimizer, lr_scheduler=sched,
                                               scaling_rule=rule)
     else:
@@ -180,7 +185,7 @@ def main() -> None:
     if args.max_batch > 0:
         loader.autoscale_batch_size(args.max_batch, local_batch_bounds=(8, 256),
                                     accumulation=True)
-    for epoch in adaptrun.remaining_epochs(args.epochs):
+    for epoch in adaptrun.remaining_epochs(args.epochs, by=args.length):
         for chars in loader:
             loss = lm_loss(model, chars)
             optimizer.zero_grad()
@@ -203,6 +208,7 @@ def main() -> None:
               f"LR {lr_frac:.3f} x peak ({args.schedule} schedule)")
         print(f"final val_bpc {bpc:.4f}")
         print(f"steps {model.step}")
+        print(f"epochs {epoch + 1}")
         print(f"final_lr_frac {lr_frac:.4f}")
 
 

@@ -416,12 +416,12 @@ def test_the_progress_check_reads_a_realized_ratio_off_the_loss_curve():
 
 @pytest.mark.parametrize("realized", ["as_before", "half"])
 def test_a_probe_of_a_larger_batch_is_kept_only_when_the_loss_shows_it_costs_no_progress(realized):
-    """Where the noise scale sees no gain in a larger batch but the loss keeps falling, the
-    policy tries one 1.5-2x larger and keeps it only if the loss realizes probe_keep (1.0) of
+    """Where the noise scale sees no gain in a larger batch but the loss keeps falling, a
+    policy with probes on (probe_keep > 0) tries one 1.5-2x larger and keeps it only if the loss realizes probe_keep (1.0) of
     the progress per example it had: kept, the batch never goes back below it on the noise
     scale's word; short, it is backed off and capped."""
     stats = {"grad_sqr": 1.0, "grad_var": 0.05, "target": 1e7}      # B_noise 6.4: no gain
-    p = Policy(BOUNDS, resize_cost_s=1e9)
+    p = Policy(BOUNDS, resize_cost_s=1e9, probe_keep=1.0)          # probes are opt-in
     cur = Config(4, 32, 0)
     d, step, examples = _run_to_a_batch_move(p, cur, **stats)
     assert d.reason.startswith("probe: batch 128 -> "), d.reason
@@ -490,3 +490,11 @@ def test_a_move_being_checked_survives_a_controller_restart():
         json.loads(json.dumps(p.state_dict(), allow_nan=False)))
     assert q._check == p._check and q._moves == p._moves
     assert q.state_dict() == p.state_dict()
+
+
+def test_probes_are_off_by_default():
+    """Without probe_keep a policy whose noise scale sees no gain keeps its batch, however
+    the loss falls: a probe is a move nothing measured predicts."""
+    stats = {"grad_sqr": 1.0, "grad_var": 0.05, "target": 1e7}
+    d, _, _ = _run_to_a_batch_move(Policy(BOUNDS, resize_cost_s=1e9), Config(4, 32, 0), **stats)
+    assert d.config.global_batch == 128 and not d.reason.startswith("probe"), d.reason

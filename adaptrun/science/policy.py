@@ -45,9 +45,11 @@ The batch, checked against the loss (``progress_check``).
   predicted; when even the top of the range is below ``check_shortfall`` of it, the batch
   backs off below the move and is capped for ``holdoff_runs`` decisions (doubling with each
   back-off); the decision line begins ``back off:``.
-- Where the noise scale sees no gain but the loss keeps falling, the policy probes a 1.5-2x
-  larger batch (``_probe``) and keeps it when the bottom of the range reaches ``probe_keep``
-  of the progress per example, as a floor the noise scale does not take back.
+- With ``probe_keep`` > 0 (off by default), where the noise scale sees no gain but the loss
+  keeps falling, the policy probes a 1.5-2x larger batch (``_probe``) and keeps it when the
+  bottom of the range reaches ``probe_keep`` of the progress per example, as a floor the
+  noise scale does not take back. Off, because the loss curve a probe is read against is
+  extrapolated from before it and its bend in a short window reads as a gain or a loss.
 - A job that reports no loss gets the bounded growth unchecked, and its decision lines say so.
 
 Figures (each rule against the hindsight oracle, the critical batch by branched training):
@@ -335,7 +337,7 @@ class Policy:
     batch_growth_max: float = 4.0
     check_reports: int = 6
     check_shortfall: float = 0.75
-    probe_keep: float = 1.0
+    probe_keep: float = 0.0
     _measured: dict = field(default_factory=dict, repr=False)
     _moves: _Moves = field(default_factory=_Moves, repr=False)
     _recent: list = field(default_factory=list, repr=False)  # the last stats_window measured
