@@ -50,7 +50,8 @@ EXAMPLES = {
 SETTINGS = ("fixed_b0", "fixed_large", "adaptive")
 
 
-def setting_flags(setting: str, b0: int, large_factor: int) -> list[str]:
+def setting_flags(setting: str, b0: int, large_factor: int,
+                  adaptive_length: str = "progress") -> list[str]:
     if setting == "fixed_b0":
         return ["--batch-size", str(b0), "--max-batch", "0"]
     if setting == "fixed_large":
@@ -58,7 +59,7 @@ def setting_flags(setting: str, b0: int, large_factor: int) -> list[str]:
     # The adaptive run's length is the progress of the epochs at B0 (remaining_epochs(by=
     # "progress")): where a larger batch makes an example worth less it runs more epochs, so
     # it ends as far trained; a fixed batch runs its epochs.
-    return ["--batch-size", str(b0), "--length", "progress"]
+    return ["--batch-size", str(b0), "--length", adaptive_length]
 
 
 def base_env() -> dict:
@@ -109,7 +110,7 @@ def run_one(cmd: list[str], timeout_s: float, log_dir: pathlib.Path | None) -> d
 
 
 def command(example: dict, setting: str, seed: int, args, tmp: pathlib.Path):
-    flags = setting_flags(setting, example["b0"], args.large_factor) + [
+    flags = setting_flags(setting, example["b0"], args.large_factor, args.adaptive_length) + [
         "--seed", str(seed), "--epochs", str(args.epochs or example["epochs"])]
     script = [sys.executable, str(REPO / "examples" / example["script"]), *flags]
     if setting == "adaptive" and args.under_run:
@@ -165,6 +166,9 @@ def main() -> None:
                    help="0: each example's benchmark length (digits 60, the LMs 10)")
     p.add_argument("--only", choices=sorted(EXAMPLES), default=None)
     p.add_argument("--large-factor", type=int, default=8, help="fixed_large = factor x B0")
+    p.add_argument("--adaptive-length", choices=("progress", "epochs"), default="progress",
+                   help="the adaptive run's length: the progress of the epochs at B0, or the "
+                        "epochs")
     p.add_argument("--under-run", action="store_true",
                    help="run the adaptive setting under adaptrun run (1-2 workers)")
     p.add_argument("--timeout-s", type=float, default=600, help="per run")
