@@ -419,13 +419,18 @@ def _actuator_options(actuator: str, k8s: dict) -> dict:
               "--k8s-cluster-queue; else none, each job's policy alone).")
 @click.option("--allocation-interval-s", default=30.0, show_default=True,
               type=click.FloatRange(min=1.0), help="How often the cluster allocation runs.")
+@click.option("--resize-cost-s", default=30.0, show_default=True,
+              type=click.FloatRange(min=0.0),
+              help="What a job's policy and the allocation assume a change of its worker count "
+                   "costs until its first re-form is measured (then the measured gap): about a "
+                   "minute where a pod must be scheduled, a few seconds for local agents.")
 @_k8s_options
 @_ray_options
 @_server_security
 @click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
 def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actuator,
                        policy_interval_s, max_threads, state_dir, capacity,
-                       allocation_interval_s, verbose, security, **k8s):
+                       allocation_interval_s, resize_cost_s, verbose, security, **k8s):
     """Run the controller: job registry, policy, directives, /metrics."""
     import os
     # gRPC's C core logs a bind failure on stderr itself; we say it in one line instead.
@@ -451,7 +456,8 @@ def controller_command(host, port, metrics_port, rdzv_port, rdzv_advertise, actu
                               actuator_options=_actuator_options(actuator, k8s),
                               max_threads=max_threads, rdzv_port=store_port,
                               rdzv_advertise=rdzv_advertise, state_dir=state_dir,
-                              capacity=capacity, allocation_interval_s=allocation_interval_s)
+                              capacity=capacity, allocation_interval_s=allocation_interval_s,
+                              resize_cost_s=resize_cost_s)
     if capacity:
         from adaptrun.science.allocation import AllocationError, Cluster
         try:
@@ -522,14 +528,14 @@ def status_command(target, job_id, as_json, timeout_s, credentials):
                    f"{j.local_batch:>6} {j.accum_steps:>5} {j.goodput:>9.1f} "
                    f"{j.statistical_efficiency:>5.2f} {j.noise_scale:>8.0f} {j.step:>8} "
                    f"{j.directive.generation:>4}")
-        if j.allocated_workers == 0:
+        if j.allocated_workers == 0 and not j.done:
             click.echo(f"  queued for {j.queued_s:.0f} s: the cluster has no "
                        f"{j.bounds.min_workers} GPU(s) free for it yet")
         elif j.allocated_workers > 0:
             click.echo(f"  allocated {j.allocated_workers} worker(s) of the cluster")
         if j.last_decision:
             click.echo(f"  last decision: {j.last_decision}")
-    queued = [j.job_id for j in resp.jobs if j.allocated_workers == 0]
+    queued = [j.job_id for j in resp.jobs if j.allocated_workers == 0 and not j.done]
     if any(j.allocated_workers >= 0 for j in resp.jobs):
         used = sum(max(j.allocated_workers, 0) for j in resp.jobs)
         click.echo(f"cluster: {used} worker(s) allocated; queue: "

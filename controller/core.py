@@ -580,6 +580,13 @@ class ControllerCore:
         if self.cluster is None:
             return None
         now = self.clock()
+        for j in self.registry.jobs():
+            if j.done and j.allocated > 0:
+                # A finished job holds no GPUs: its workers are the others' now (in status
+                # and in adaptrun_workers_allocated, whose sum over jobs is the used GPUs).
+                with j.changed:
+                    j.allocated = 0
+                self.metrics.set_allocated(j.job_id, 0, 0.0)
         jobs = [j for j in self.registry.jobs() if not j.done]
         demands = []
         for j in jobs:

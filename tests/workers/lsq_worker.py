@@ -94,6 +94,9 @@ def main() -> None:
                         "a second worker makes each step twice as slow (ranks sharing a core)")
     p.add_argument("--pace-file", default="",
                    help="when it exists, seconds to sleep after each step (read every step)")
+    p.add_argument("--sleep-scale-file", default="",
+                   help="when it exists, a factor on --example-sleep and --step-sleep (read "
+                        "every step): 0 lets a paced job run its remaining steps at once")
     p.add_argument("--accum", type=int, default=0,
                    help="start with this many extra micro-batches (a directive to itself)")
     p.add_argument("--exit-code-at-end", type=int, default=0,
@@ -141,12 +144,13 @@ def main() -> None:
                                         f"{os.environ.get('MASTER_PORT', '')}"}) + "\n")
         log.flush()
     step_counts = torch.zeros(args.samples, dtype=torch.int32)
+    scale = 1.0
     for epoch in adaptrun.remaining_epochs(args.epochs):
         for x, y, idx in loader:
             step_counts.index_add_(0, loader.current_indices,
                                    torch.ones(len(loader.current_indices), dtype=torch.int32))
             if args.example_sleep:
-                time.sleep(args.example_sleep * len(idx)
+                time.sleep(scale * args.example_sleep * len(idx)
                            * (world.world_size ** 2 if args.crowd else 1))
             opt.zero_grad()
             loss = 0.5 * (model(x) - y).pow(2).mean()
@@ -180,8 +184,14 @@ def main() -> None:
                         "examples": model.examples,
                         "loss_scale": scaler.get_scale() if scaler else 1.0}) + "\n")
                     log.flush()
+                if args.sleep_scale_file:
+                    try:
+                        with open(args.sleep_scale_file) as sf:
+                            scale = float(sf.read().strip() or 1)
+                    except (OSError, ValueError):
+                        scale = 1.0
                 if args.step_sleep:
-                    time.sleep(args.step_sleep)
+                    time.sleep(scale * args.step_sleep)
                 if args.pace_file:
                     try:
                         with open(args.pace_file) as pf:
