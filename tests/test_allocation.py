@@ -53,6 +53,16 @@ def test_well_scaling_job_gets_the_spare_gpus():
     assert sum(a.workers.values()) == 8
 
 
+def test_a_job_that_gains_nothing_from_more_workers_is_held_at_its_minimum():
+    """Hand-worked: "flat" has the same goodput at 2..8 workers (speedup 1 everywhere), so
+    every GPU above its minimum of 2 is worth more to "linear" (speedup n/1 at n workers):
+    the allocation is flat 2, linear 6 at p = -1 and at p = 1."""
+    flat = JobDemand("flat", (0.0, 5.0, 10.0) + (10.0,) * 6, 2, 8)
+    for p in (-1.0, 1.0):
+        a = allocate([_job("linear", 1.0, 8), flat], Cluster(2, 4), p=p)
+        assert a.workers == {"linear": 6, "flat": 2}, (p, a.workers)
+
+
 def test_full_cluster_queues_in_priority_then_arrival_order_and_never_evicts():
     running = _job("running", 1.0, 4, current=4, arrival=0.0, min_workers=4)
     late_hi = _job("late-but-urgent", 1.0, 4, arrival=20.0, priority=5, min_workers=4)
